@@ -1,0 +1,210 @@
+"""The engine: one vLLM AsyncLLM on one accelerator, shared by batch jobs and the Serve app.
+
+`Engine` is a plain class (no Ray Data, no Serve imports). Batch jobs run it as a Ray actor
+(`engine_actor_options`), the online endpoint deploys the same class with Ray Serve. It resolves its
+own node's device profile, keeps hundreds of requests in flight (async), scores classification in
+one forward pass, and turns per-row failures into error rows. If vLLM's engine core dies the
+process exits when it runs inside a Ray actor, so Ray restarts it and the caller redoes its rows.
+Starting never raises: a failed start is reported by `info()["error"]` as one clear line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from turbo_batch.errors import RowError
+from turbo_batch.profiles import describe, detect_device, engine_args, model_context_len
+from turbo_batch.tasks import TaskRunner
+
+log = logging.getLogger("turbo_batch.engine")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
+
+
+class Engine:
+    """A vLLM AsyncLLM plus the task logic; safe to call concurrently from many coroutines."""
+
+    def __init__(self, model: Mapping[str, Any], *, max_labels: int = 0, exit_on_dead: bool | None = None):
+        self.model = dict(model)
+        self.error: str | None = None
+        self.llm: Any = None
+        self.tokenizer: Any = None
+        self.args: dict[str, Any] = {}
+        self.max_model_len = 0
+        self._runners: dict[str, TaskRunner] = {}
+        self.exit_on_dead = _in_ray_actor() if exit_on_dead is None else exit_on_dead
+        t0 = time.monotonic()
+        self.device = detect_device()
+        try:
+            path = self.model["path"]
+            if _looks_local(path) and not Path(path).expanduser().is_dir():
+                raise FileNotFoundError(f"model path {path} does not exist")
+            self.args = engine_args(
+                self.model, self.device, max_labels=max_labels, model_max_len=model_context_len(path)
+            )
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+            self.tokenizer = self.llm.get_tokenizer()
+            self.max_model_len = int(self.llm.model_config.max_model_len)
+        except Exception as e:  # reported through info(); an actor that raises here would restart forever
+            self.error = f"cannot start vLLM engine for {self.model.get('path')}: {_one_line(e)}"
+            if "See root cause above" in self.error:
+                self.error += " (rerun with TURBO_BATCH_VERBOSE=1 to see the engine's log)"
+            log.error(self.error)
+        self.start_s = time.monotonic() - t0
+
+    # -- status ---------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {
+            "error": self.error,
+            "model": self.model.get("path"),
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.args.get("max_num_seqs"),
+            "engine_args": {k: v for k, v in self.args.items() if _jsonable(v)},
+            "device": describe(self.device),
+            "pid": os.getpid(),
+            "start_s": round(self.start_s, 2),
+        }
+
+    def num_unfinished(self) -> int:
+        return 0 if self.llm is None else int(self.llm.output_processor.get_num_unfinished_requests())
+
+    async def check_health(self) -> None:
+        if self.llm is None:
+            raise RuntimeError(self.error or "engine not started")
+        await self.llm.check_health()
+
+    def runner(self, task: Mapping[str, Any], sampling: Mapping[str, Any]) -> TaskRunner:
+        key = json.dumps([task, sampling], sort_keys=True, default=str)
+        if key not in self._runners:
+            self._runners[key] = TaskRunner(task, sampling, self.tokenizer)
+        return self._runners[key]
+
+    # -- batch ----------------------------------------------------------------------------------------
+    async def run_rows(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        task: Mapping[str, Any],
+        sampling: Mapping[str, Any],
+        *,
+        priority: int = 0,
+        tag: str = "row",
+    ) -> list[dict[str, Any]]:
+        """Run rendered rows ({row_id, prompt_ids, label_ids}) concurrently; one result per row."""
+        if self.llm is None:
+            raise RuntimeError(self.error or "engine not started")
+        runner = self.runner(task, sampling)
+        return list(await asyncio.gather(*(self._row(runner, r, priority, tag) for r in rows)))
+
+    async def _row(
+        self, runner: TaskRunner, row: Mapping[str, Any], priority: int, tag: str
+    ) -> dict[str, Any]:
+        from vllm.inputs import TokensPrompt
+
+        row_id = row["row_id"]
+        ids = list(row["prompt_ids"])
+        label_ids = list(row["label_ids"]) if row.get("label_ids") is not None else None
+        budget = runner.output_budget(label_ids)
+        if len(ids) + budget > self.max_model_len:
+            return _error(
+                row_id,
+                RowError.PROMPT_TOO_LONG,
+                f"prompt has {len(ids)} tokens + {budget} to generate > max_model_len {self.max_model_len}",
+                prompt_tokens=len(ids),
+            )
+        request_id = f"{tag}-{row_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            final = None
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=ids),
+                runner.sampling_params(label_ids),
+                request_id,
+                priority=priority,
+            ):
+                final = out
+            if final is None:
+                return _error(
+                    row_id, RowError.ENGINE_ERROR, "engine returned no output", prompt_tokens=len(ids)
+                )
+            return {"row_id": row_id, **runner.parse(final, label_ids)}
+        except asyncio.CancelledError:
+            await self.llm.abort(request_id)
+            raise
+        except Exception as e:
+            self._maybe_die(e)
+            return _error(row_id, RowError.ENGINE_ERROR, _one_line(e), prompt_tokens=len(ids))
+
+    def _maybe_die(self, e: BaseException) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(e, EngineDeadError) or (self.llm is not None and getattr(self.llm, "errored", False)):
+            log.error("vLLM engine core is dead (%s)", _one_line(e))
+            if self.exit_on_dead:
+                os._exit(70)  # Ray restarts the actor; the caller redoes the rows it had in flight
+            raise e
+
+    # -- online -----------------------------------------------------------------------------------------
+    async def stream(
+        self, prompt_ids: Sequence[int], params: Any, request_id: str, *, priority: int = 0
+    ) -> AsyncIterator[Any]:
+        """Yield vLLM RequestOutputs for one request; closing the iterator aborts it in the engine."""
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            raise RuntimeError(self.error or "engine not started")
+        finished = False
+        try:
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id, priority=priority
+            ):
+                finished = out.finished
+                yield out
+        except Exception as e:
+            self._maybe_die(e)
+            raise
+        finally:
+            if not finished:
+                await self.llm.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None:
+            await self.llm.abort(request_id)
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+
+def _error(row_id: Any, code: RowError, message: str, **extra: Any) -> dict[str, Any]:
+    return {"row_id": row_id, "error_code": str(code), "error_message": message, **extra}
+
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, str | int | float | bool | type(None))
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:
+        return False

@@ -1,0 +1,216 @@
+"""Prompt rendering: sandboxed Jinja over row columns, the model's chat template, token ids.
+
+Templates come from job/serve files only, never from HTTP requests, and render in Jinja's
+ImmutableSandboxedEnvironment with StrictUndefined (no attribute escapes, no silent blanks).
+This module also finds, for classification, the first token of each label as it would follow the
+prompt, so one forward pass can score every label. It does not talk to an engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from turbo_batch.errors import RowError
+
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+BUILTINS = ("labels", "label_descriptions", "schema")
+
+
+def check_template(source: str) -> None:
+    """Raise ValueError with the line number if `source` is not a valid Jinja template."""
+    try:
+        _ENV.parse(source)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"template syntax error at line {e.lineno}: {e.message}") from None
+
+
+def template_variables(source: str) -> set[str]:
+    return set(meta.find_undeclared_variables(_ENV.parse(source)))
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(source: str):
+    return _ENV.from_string(source)
+
+
+class RowProblem(Exception):
+    """A row that cannot be turned into a prompt; carries the stable error code."""
+
+    def __init__(self, code: RowError, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def default_system(task: Mapping[str, Any]) -> str | None:
+    if task["type"] == "classify":
+        return (
+            "Classify the text into exactly one of these labels: {{ labels | join(', ') }}."
+            "{% if label_descriptions %}\n{% for k, v in label_descriptions.items() %}- {{ k }}: {{ v }}\n"
+            "{% endfor %}{% endif %}\nAnswer with the label only."
+        )
+    if task["type"] == "extract":
+        return "Extract the requested information as JSON that matches this JSON schema:\n{{ schema }}\nAnswer with JSON only."
+    return None
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The parts of a job that decide a prompt (plain data, so it ships to Ray workers cheaply)."""
+
+    task: dict[str, Any]
+    text_columns: tuple[str, ...]
+    template: str | None = None
+    system: str | None = None
+    chat: bool = True
+
+    @classmethod
+    def from_job(cls, job: Any) -> PromptConfig:
+        return cls(
+            task=job.task.model_dump(mode="json", by_alias=True),
+            text_columns=tuple(job.input.text_columns),
+            template=job.prompt.template,
+            system=job.prompt.system,
+            chat=job.prompt.chat,
+        )
+
+    @property
+    def user_template(self) -> str:
+        return self.template if self.template is not None else "{{ " + self.text_columns[0] + " }}"
+
+    @property
+    def system_template(self) -> str | None:
+        return self.system if self.system is not None else default_system(self.task)
+
+
+def clean_text(column: str, value: Any) -> str:
+    """A text column's value as str, or RowProblem(EMPTY_INPUT / INVALID_UTF8)."""
+    if value is None:
+        raise RowProblem(RowError.EMPTY_INPUT, f"text column {column!r} is null")
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RowProblem(
+                RowError.INVALID_UTF8, f"text column {column!r} is not valid UTF-8: {e}"
+            ) from None
+    if not isinstance(value, str):
+        value = str(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates from a lenient decoder
+        raise RowProblem(RowError.INVALID_UTF8, f"text column {column!r} is not valid UTF-8: {e}") from None
+    if not value.strip():
+        raise RowProblem(RowError.EMPTY_INPUT, f"text column {column!r} is empty")
+    return value
+
+
+class PromptBuilder:
+    """Renders rows into token ids for one job and one tokenizer (a HF tokenizer object)."""
+
+    def __init__(self, config: PromptConfig, tokenizer: Any):
+        self.config = config
+        self.tokenizer = tokenizer
+        task = config.task
+        self.labels: list[str] = list(task.get("labels") or [])
+        self._context = {
+            "labels": self.labels,
+            "label_descriptions": dict(task.get("label_descriptions") or {}),
+            "schema": json.dumps(task["json_schema"]) if task["type"] == "extract" else "",
+        }
+        self._user = _compile(config.user_template)
+        sys_src = config.system_template
+        self._system = _compile(sys_src) if sys_src else None
+        self._label_cache: dict[str, list[int] | None] = {}
+
+    # -- rendering -------------------------------------------------------------------------------
+    def render_text(self, row: Mapping[str, Any]) -> str:
+        """The full prompt text for a row (chat template applied if the job asks for it)."""
+        context = dict(self._context)
+        for key, value in row.items():
+            if value is not None:  # a null column is a missing variable: StrictUndefined raises
+                context[key] = value
+        for col in self.config.text_columns:
+            context[col] = clean_text(col, row.get(col))
+        try:
+            user = self._user.render(context)
+            system = self._system.render(context) if self._system is not None else None
+        except TemplateError as e:
+            raise RowProblem(RowError.TEMPLATE_ERROR, f"prompt template: {e}") from None
+        return self.apply_chat(user, system)
+
+    def apply_chat(self, user: str, system: str | None) -> str:
+        if not self.config.chat:
+            return f"{system}\n\n{user}" if system else user
+        return apply_chat_template(self.tokenizer, user, system)
+
+    def encode(self, text: str) -> list[int]:
+        # The chat template already wrote the BOS token where the model wants one.
+        return list(self.tokenizer.encode(text, add_special_tokens=not self.config.chat))
+
+    # -- classification --------------------------------------------------------------------------
+    def label_token_ids(self, prompt_text: str) -> list[int] | None:
+        """First token of each label as it would follow `prompt_text`; None if two labels share it."""
+        suffix = prompt_text[-48:]
+        if suffix not in self._label_cache:
+            self._label_cache[suffix] = first_label_tokens(
+                self.tokenizer, suffix, self.labels, self.config.chat
+            )
+        return self._label_cache[suffix]
+
+    def build(self, row: Mapping[str, Any]) -> tuple[list[int], list[int] | None]:
+        """Token ids of the row's prompt and, for classify, the label first tokens (or None)."""
+        text = self.render_text(row)
+        ids = self.encode(text)
+        labels = self.label_token_ids(text) if self.config.task["type"] == "classify" else None
+        return ids, labels
+
+
+def apply_chat_template(tokenizer: Any, user: str, system: str | None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:
+        if not system:
+            raise
+        # Some chat templates refuse a system role: fold it into the user turn, as Gemma does.
+        folded = [{"role": "user", "content": f"{system}\n\n{user}"}]
+        return tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
+
+
+def first_label_tokens(tokenizer: Any, suffix: str, labels: Sequence[str], chat: bool) -> list[int] | None:
+    """Token id each label starts with when written right after `suffix` (None on a collision).
+
+    Plain-text prompts that end in a non-space character get the label after a space ("Answer: fresh"),
+    as a model would write it; chat prompts end with the generation prompt and take the label as is.
+    """
+    lead = " " if (not chat and suffix and not suffix[-1].isspace()) else ""
+    base = tokenizer.encode(suffix, add_special_tokens=False)
+    firsts = []
+    for label in labels:
+        full = tokenizer.encode(suffix + lead + label, add_special_tokens=False)
+        k = 0
+        while k < min(len(base), len(full)) and base[k] == full[k]:
+            k += 1
+        if k < len(base) or k >= len(full):  # the label merged with the prompt's last token
+            full = tokenizer.encode(lead + label, add_special_tokens=False)
+            firsts.append(full[0])
+        else:
+            firsts.append(full[k])
+    return firsts if len(set(firsts)) == len(firsts) else None
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -1,0 +1,323 @@
+"""Job files: the pydantic model of a job, loading from YAML, and errors that name their field.
+
+Everything here is checked before Ray or vLLM is imported (this module imports neither): unknown keys,
+wrong types, allowed values, template syntax, the extract JSON schema. Checks that need the data
+(do the named columns exist?) run in `batch.preflight`, still before any engine starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from turbo_batch.errors import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class InputSpec(_Strict):
+    path: str | list[str] = Field(
+        description="parquet/JSONL files, directories or globs, or a save_to_disk dir"
+    )
+    format: Literal["auto", "parquet", "jsonl", "hf"] = "auto"
+    text_columns: list[str] = Field(default=["text"], min_length=1)
+    id_column: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+    split: str | None = Field(default=None, description="split of a saved DatasetDict")
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class ClassifyTask(_Strict):
+    type: Literal["classify"]
+    labels: list[str] = Field(min_length=2)
+    label_descriptions: dict[str, str] = Field(default_factory=dict)
+    gold_column: str | None = None
+    method: Literal["auto", "logprobs", "guided"] = Field(
+        default="auto", description="auto: one forward pass where labels' first tokens differ, else guided"
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, labels: list[str]) -> list[str]:
+        if any(not label.strip() for label in labels):
+            raise ValueError("labels must be non-empty strings")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique, got {labels}")
+        return labels
+
+    @model_validator(mode="after")
+    def _descriptions_ok(self) -> ClassifyTask:
+        unknown = sorted(set(self.label_descriptions) - set(self.labels))
+        if unknown:
+            raise ValueError(
+                f"label_descriptions has keys that are not labels: {unknown}; labels: {self.labels}"
+            )
+        return self
+
+
+class GenerateTask(_Strict):
+    type: Literal["generate"]
+    max_tokens: int = Field(default=128, ge=1)
+    stop: list[str] = Field(default_factory=list)
+
+
+class ExtractTask(_Strict):
+    type: Literal["extract"]
+    json_schema: dict[str, Any] = Field(alias="schema")
+    max_tokens: int = Field(default=512, ge=1)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_ok(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            raise ValueError(f"not a valid JSON schema: {e.message}") from None
+        return schema
+
+
+TaskSpec = Annotated[Union[ClassifyTask, GenerateTask, ExtractTask], Field(discriminator="type")]  # noqa: UP007
+
+
+class PromptSpec(_Strict):
+    template: str | None = Field(
+        default=None, description="Jinja over row columns; default: the first text column"
+    )
+    system: str | None = None
+    chat: bool = Field(default=True, description="apply the model's chat template")
+
+    @field_validator("template", "system")
+    @classmethod
+    def _compiles(cls, source: str | None) -> str | None:
+        if source is not None:
+            from turbo_batch.prompt import check_template
+
+            check_template(source)
+        return source
+
+
+PRESETS = ("auto", "cpu", "turbo", "classification", "generation", "latency", "batch")
+
+
+class ModelSpec(_Strict):
+    path: str = Field(description="local checkpoint dir or hub id")
+    preset: Literal["auto", "cpu", "turbo", "classification", "generation", "latency", "batch"] = "auto"
+    engine: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments, applied last")
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+
+
+class SamplingSpec(_Strict):
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1)
+    seed: int | None = 0
+    extra: dict[str, Any] = Field(default_factory=dict, description="more vLLM SamplingParams fields")
+
+
+class OutputSpec(_Strict):
+    dir: str
+    keep_columns: list[str] = Field(default_factory=list)
+    part_rows: int = Field(default=1000, ge=1, description="rows per committed parquet part")
+
+
+class ClusterSpec(_Strict):
+    address: str = Field(default="local", description="local, auto, or a Ray address (host:port, ray://...)")
+    engines: int | Literal["auto"] = Field(
+        default="auto", description="auto = one per GPU (one on a CPU box)"
+    )
+    engine_source: Literal["own", "serve"] = Field(
+        default="own",
+        description="own: start engines for this job; serve: use a running turbo-batch serve app",
+    )
+    serve_app: str = "turbo-batch"
+    priority: int = Field(
+        default=10, ge=0, description="vLLM priority of batch rows when engine_source=serve"
+    )
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (default: all)")
+    engine_cpus: float = Field(default=1.0, ge=0.0)
+    render_cpus: float = Field(default=0.5, gt=0.0)
+    batch_rows: int = Field(default=32, ge=1, description="rows per call to an engine")
+    rows_in_flight: int | None = Field(default=None, ge=1, description="per engine; default 2 x max_num_seqs")
+    max_attempts: int = Field(default=3, ge=1, description="tries of a row before it becomes ENGINE_ERROR")
+    reuse_engines: bool = Field(
+        default=False, description="keep engines alive between jobs (detached actors)"
+    )
+
+
+class JobSpec(_Strict):
+    name: str | None = None
+    input: InputSpec
+    task: TaskSpec
+    prompt: PromptSpec = PromptSpec()
+    model: ModelSpec
+    sampling: SamplingSpec = SamplingSpec()
+    output: OutputSpec
+    cluster: ClusterSpec = ClusterSpec()
+
+    @model_validator(mode="after")
+    def _cross(self) -> JobSpec:
+        if self.cluster.engine_source == "serve" and self.cluster.reuse_engines:
+            raise ValueError("cluster.reuse_engines applies to own engines, not engine_source=serve")
+        return self
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change what the output means; resume refuses a different one."""
+        perf_keys = {
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "gpu_memory_utilization",
+            "enable_prefix_caching",
+            "enforce_eager",
+            "swap_space",
+            "scheduling_policy",
+            "kv_cache_memory_bytes",
+            "max_model_len",
+        }
+        meaning = {
+            "input": self.input.model_dump(mode="json"),
+            "task": self.task.model_dump(mode="json", by_alias=True),
+            "prompt": self.prompt.model_dump(mode="json"),
+            "model": {
+                "path": self.model.path,
+                "tokenizer": self.model.tokenizer,
+                "engine": {k: v for k, v in sorted(self.model.engine.items()) if k not in perf_keys},
+            },
+            "sampling": self.sampling.model_dump(mode="json"),
+            "keep_columns": list(self.output.keep_columns),
+        }
+        blob = json.dumps(meaning, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _allowed_keys(model: type[BaseModel], data: Any, loc: tuple) -> list[str] | None:
+    """Field names allowed where `loc` points (walking nested models and the task's union)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if (
+            not (isinstance(current, type) and issubclass(current, BaseModel))
+            or part not in current.model_fields
+        ):
+            return None
+        data = data.get(part) if isinstance(data, dict) else None
+        current = _pick_model(current.model_fields[part].annotation, data)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(f.alias or name for name, f in current.model_fields.items())
+    return None
+
+
+def _pick_model(ann: Any, data: Any) -> Any:
+    if get_origin(ann) is Annotated:
+        ann = get_args(ann)[0]
+    options = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)] or [ann]
+    if len(options) > 1 and isinstance(data, dict):
+        for opt in options:
+            literal = opt.model_fields.get("type")
+            if literal is not None and data.get("type") in get_args(literal.annotation):
+                return opt
+    return options[0]
+
+
+def format_errors(err: ValidationError, data: Any, root: type[BaseModel]) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(
+            p for p in e["loc"] if not (isinstance(p, str) and p in {"classify", "generate", "extract"})
+        )
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, data, loc)
+            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
+def _read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(str(path), ["(file): not found"])
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SpecError(str(path), [f"(file): not valid YAML: {e}"]) from None
+    except UnicodeDecodeError:
+        raise SpecError(str(path), ["(file): not UTF-8 text"]) from None
+
+
+def parse(model: type[BaseModel], data: Any, source: str = "<dict>") -> Any:
+    if not isinstance(data, dict):
+        raise SpecError(source, ["(top level): expected a mapping of fields"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(source, format_errors(e, data, model)) from None
+
+
+def _expand(value: Any) -> Any:
+    if isinstance(value, str):
+        return os.path.expanduser(os.path.expandvars(value))
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def expand_paths(data: Any) -> Any:
+    """Expand ~ and ${VAR} in the path fields of a raw job mapping (in place; returns it)."""
+    if not isinstance(data, dict):
+        return data
+    for section, key in (("input", "path"), ("model", "path"), ("model", "tokenizer"), ("output", "dir")):
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = _expand(node[key])
+    return data
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Load and validate a job file; raises SpecError listing every problem with its field path."""
+    return parse(JobSpec, expand_paths(_read_yaml(path)), str(path))
+
+
+def load_yaml_model(model: type[BaseModel], path: str | Path) -> Any:
+    return parse(model, _read_yaml(path), str(path))
+
+
+def output_root() -> Path:
+    """Outputs must resolve under this root (env TURBO_BATCH_OUTPUT_ROOT, default: the working dir)."""
+    return Path(os.environ.get("TURBO_BATCH_OUTPUT_ROOT", os.getcwd())).resolve()
+
+
+def resolve_output_dir(spec: JobSpec) -> Path:
+    """The job's output dir, refusing paths that escape the output root (`..`, absolute elsewhere)."""
+    root = output_root()
+    raw = Path(os.path.expanduser(spec.output.dir))
+    target = (raw if raw.is_absolute() else root / raw).resolve()
+    if target != root and root not in target.parents:
+        raise SpecError(
+            "job",
+            [
+                f"output.dir: {spec.output.dir!r} resolves to {target}, outside the output root {root} "
+                "(set TURBO_BATCH_OUTPUT_ROOT to allow it)"
+            ],
+        )
+    return target
