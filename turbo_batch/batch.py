@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -44,6 +44,20 @@ from turbo_batch.sources import (
 from turbo_batch.spec import ClassifyTask, ExtractTask, JobSpec, resolve_output_dir
 
 log = logging.getLogger("turbo_batch")
+RESULT_COLUMNS = frozenset(
+    {
+        "row_id",
+        "label",
+        "probs",
+        "text",
+        "json",
+        "finish_reason",
+        "prompt_tokens",
+        "output_tokens",
+        "error_code",
+        "error_message",
+    }
+)
 FLUSH_SECONDS = 20.0
 
 
@@ -152,7 +166,9 @@ def _builder(cfg: PromptConfig, tokenizer_path: str, trust_remote_code: bool) ->
     """One builder per worker process and job (Ray reuses workers, so the tokenizer loads once)."""
     from turbo_batch.tasks import TaskRunner
 
-    key = json.dumps([dataclasses.asdict(cfg), tokenizer_path, trust_remote_code], sort_keys=True, default=str)
+    key = json.dumps(
+        [dataclasses.asdict(cfg), tokenizer_path, trust_remote_code], sort_keys=True, default=str
+    )
     if key not in _BUILDERS:
         tok = load_tokenizer(tokenizer_path, trust_remote_code)
         _BUILDERS[key] = (PromptBuilder(cfg, tok), TaskRunner(cfg.task, {}, tok))
@@ -350,9 +366,13 @@ class Driver:
 
     def __post_init__(self) -> None:
         task = self.job.task
+        # Input columns copied to the output keep their names unless a result column has that name.
+        self.out_names = {c: (f"input_{c}" if c in RESULT_COLUMNS else c) for c in self.plan.passthrough}
+        gold = task.gold_column if isinstance(task, ClassifyTask) else None
         self.stats = report.Stats(
             task.labels if isinstance(task, ClassifyTask) else (),
-            task.gold_column if isinstance(task, ClassifyTask) else None,
+            self.out_names[gold] if gold else None,
+            task.gold_map if isinstance(task, ClassifyTask) else None,
         )
         self.task = task.model_dump(mode="json", by_alias=True)
         self.sampling = self.job.sampling.model_dump(mode="json")
@@ -366,7 +386,7 @@ class Driver:
         fields = [rendered.field("row_id")]
         for c in self.plan.passthrough:
             f = rendered.field(c)
-            fields.append(pa.field(c, pa.string()) if pa.types.is_null(f.type) else f)
+            fields.append(pa.field(self.out_names[c], pa.string() if pa.types.is_null(f.type) else f.type))
         if isinstance(self.job.task, ClassifyTask):
             labels = self.job.task.labels
             fields += [
@@ -503,7 +523,7 @@ class Driver:
                 self.schema = self._output_schema(block.schema)
             errors, ok = [], []
             for row in block.to_pylist():
-                self.passthrough[row["row_id"]] = {c: row[c] for c in self.plan.passthrough}
+                self.passthrough[row["row_id"]] = {self.out_names[c]: row[c] for c in self.plan.passthrough}
                 if row["error_code"]:
                     errors.append(
                         {k: row[k] for k in ("row_id", "prompt_tokens", "error_code", "error_message")}
@@ -544,9 +564,10 @@ def init_ray(job: JobSpec) -> bool:
 def build_dataset(plan: Plan, committed: pa.Array | None):
     import ray
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     job = plan.job
     ds = ray.data.read_datasource(
         make_datasource(plan.units, plan.columns, job.input.id_column, committed),

@@ -163,8 +163,19 @@ def fetch_demo() -> None:
     """Fetch the demo's real model (SmolLM2-135M-Instruct) and data (Rotten Tomatoes) into the cache."""
     from turbo_batch import assets
 
-    print(assets.smollm2_dir(progress=lambda m: console.print(m, highlight=False)))
-    print(assets.rotten_tomatoes(progress=lambda m: console.print(m, highlight=False)))
+    def say(m: str) -> None:
+        console.print(m, highlight=False)
+
+    print(assets.smollm2_dir(progress=say))
+    full = assets.rotten_tomatoes(progress=say)
+    shuffled = full.with_name("rotten_tomatoes_shuffled.parquet")
+    if (
+        not shuffled.is_file()
+    ):  # the demo's `--rows N` takes the first N rows: a seeded, label-stratified shuffle
+        import pyarrow.parquet as pq
+
+        assets.sample_rotten_tomatoes(pq.read_metadata(full).num_rows, seed=0, out=shuffled, progress=say)
+    print(shuffled)
 
 
 @app.command()

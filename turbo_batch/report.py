@@ -16,9 +16,15 @@ from typing import Any
 
 
 class Stats:
-    def __init__(self, labels: Sequence[str] = (), gold_column: str | None = None):
+    def __init__(
+        self,
+        labels: Sequence[str] = (),
+        gold_column: str | None = None,
+        gold_map: Mapping[str, str] | None = None,
+    ):
         self.labels = list(labels)
         self.gold_column = gold_column
+        self.gold_map = dict(gold_map or {})
         self.ok = 0
         self.errors: Counter[str] = Counter()
         self.prompt_tokens = 0
@@ -41,6 +47,7 @@ class Stats:
         self.label_counts[label] += 1
         if self.gold_column:
             gold = row.get(self.gold_column)
+            gold = self.gold_map.get(str(gold), gold) if gold is not None else None
             if gold is None or str(gold) not in self.labels:
                 self.gold_unknown += 1
             else:

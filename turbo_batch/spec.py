@@ -42,7 +42,10 @@ class ClassifyTask(_Strict):
     type: Literal["classify"]
     labels: list[str] = Field(min_length=2)
     label_descriptions: dict[str, str] = Field(default_factory=dict)
-    gold_column: str | None = None
+    gold_column: str | None = Field(default=None, description="column of gold labels: the summary evaluates")
+    gold_map: dict[str, str] = Field(
+        default_factory=dict, description="gold column value -> label, if they differ"
+    )
     method: Literal["auto", "logprobs", "guided"] = Field(
         default="auto", description="auto: one forward pass where labels' first tokens differ, else guided"
     )
