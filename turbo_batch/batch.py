@@ -374,7 +374,7 @@ class Driver:
             self.out_names[gold] if gold else None,
             task.gold_map if isinstance(task, ClassifyTask) else None,
         )
-        self.task = task.model_dump(mode="json", by_alias=True)
+        self.task = task.model_dump(mode="json")
         self.sampling = self.job.sampling.model_dump(mode="json")
         self.cond = asyncio.Condition()
         self.tasks: set[asyncio.Task] = set()

@@ -19,6 +19,7 @@ class RowError(StrEnum):
     BAD_INPUT_LINE = "BAD_INPUT_LINE"  # a JSONL line that is not a JSON object
     TEMPLATE_ERROR = "TEMPLATE_ERROR"  # missing variable or other error while rendering the prompt
     PROMPT_TOO_LONG = "PROMPT_TOO_LONG"  # prompt + output budget exceeds every engine's max_model_len
+    LABEL_NOT_PARSED = "LABEL_NOT_PARSED"  # classify (guided): output that is not one of the labels
     INVALID_JSON = "INVALID_JSON"  # extract: the model's output is not JSON
     SCHEMA_MISMATCH = "SCHEMA_MISMATCH"  # extract: JSON that fails the job's JSON schema
     ENGINE_ERROR = "ENGINE_ERROR"  # the engine rejected or kept failing on this row

@@ -168,15 +168,16 @@ class OutputDir:
         if not path.is_file():
             return []
         entries = []
+        torn = False
         for line in path.read_text().splitlines():
             try:
                 entries.append(json.loads(line))
             except ValueError:  # a torn last line from a crash mid-append: its part gets adopted
-                continue
+                torn = True
         listed = {e["part"] for e in entries}
         # A manifest line whose file is gone (deleted by hand) no longer counts as committed.
-        kept = [e for e in entries if (self.path / e["part"]).is_file()]
-        if len(kept) != len(entries) or len(listed) != len(entries):
+        kept = list({e["part"]: e for e in entries if (self.path / e["part"]).is_file()}.values())
+        if torn or len(kept) != len(entries) or len(listed) != len(entries):
             self._rewrite_manifest(kept)
         return kept
 

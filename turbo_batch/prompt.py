@@ -74,7 +74,7 @@ class PromptConfig:
     @classmethod
     def from_job(cls, job: Any) -> PromptConfig:
         return cls(
-            task=job.task.model_dump(mode="json", by_alias=True),
+            task=job.task.model_dump(mode="json"),
             text_columns=tuple(job.input.text_columns),
             template=job.prompt.template,
             system=job.prompt.system,

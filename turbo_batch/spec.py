@@ -237,12 +237,18 @@ def _pick_model(ann: Any, data: Any) -> Any:
     return options[0]
 
 
+_UNION_TAGS = {"int", "str", "float", "bool", "dict", "list", "none", "classify", "generate", "extract"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
+
+
 def format_errors(err: ValidationError, data: Any, root: type[BaseModel]) -> list[str]:
-    problems = []
+    """One 'field.path: message' line per field; union alternatives are merged into one line."""
+    merged: dict[str, list[str]] = {}
     for e in err.errors():
-        loc = tuple(
-            p for p in e["loc"] if not (isinstance(p, str) and p in {"classify", "generate", "extract"})
-        )
+        loc = tuple(p for p in e["loc"] if not _is_union_tag(p))
         path = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -252,8 +258,9 @@ def format_errors(err: ValidationError, data: Any, root: type[BaseModel]) -> lis
             msg = "required field is missing"
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        problems.append(f"{path}: {msg}")
-    return problems
+        if msg not in merged.setdefault(path, []):
+            merged[path].append(msg)
+    return [f"{path}: {' or '.join(msgs)}" for path, msgs in merged.items()]
 
 
 def _read_yaml(path: str | Path) -> Any:

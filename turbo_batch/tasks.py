@@ -29,15 +29,15 @@ class TaskRunner:
         self.kind = self.task["type"]
         self.labels: list[str] = list(self.task.get("labels") or [])
         self.method = self.task.get("method", "auto")
-        # Guided choice needs room for the longest label (seen: a too-small budget cut "positive").
-        self.guided_max_tokens = (
-            1
-            + max(
-                (len(tokenizer.encode(" " + lab, add_special_tokens=False)) for lab in self.labels), default=8
+        # Guided choice needs room for the longest label (seen: a too-small budget cut "positive"), written
+        # with or without a leading space, plus one token to finish.
+        self.guided_max_tokens = 16
+        if tokenizer is not None and self.labels:
+            self.guided_max_tokens = 2 + max(
+                len(tokenizer.encode(prefix + lab, add_special_tokens=False))
+                for lab in self.labels
+                for prefix in ("", " ")
             )
-            if tokenizer is not None and self.labels
-            else 16
-        )
 
     # -- sampling -----------------------------------------------------------------------------------
     def _base(self) -> dict[str, Any]:
@@ -107,8 +107,16 @@ class TaskRunner:
                 res["probs"] = label_probabilities(self.labels, label_ids, step)
                 res["label"] = max(res["probs"], key=res["probs"].__getitem__)
             else:
-                res["label"] = match_label(comp.text, self.labels)
-                res["probs"] = {lab: float(lab == res["label"]) for lab in self.labels}
+                label = match_label(comp.text, self.labels)
+                if label is None:
+                    return {
+                        **res,
+                        "text": comp.text,
+                        "error_code": RowError.LABEL_NOT_PARSED,
+                        "error_message": f"guided output {comp.text!r} is not one of the labels",
+                    }
+                res["label"] = label
+                res["probs"] = {lab: float(lab == label) for lab in self.labels}
             return res
         text = comp.text
         if self.kind == "generate":
@@ -134,15 +142,14 @@ def label_probabilities(
     return {lab: e / total for lab, e in zip(labels, exps, strict=True)}
 
 
-def match_label(text: str, labels: Sequence[str]) -> str:
+def match_label(text: str, labels: Sequence[str]) -> str | None:
     t = text.strip()
-    for lab in labels:
-        if t == lab:
-            return lab
+    if t in labels:
+        return t
     for lab in sorted(labels, key=len, reverse=True):
         if t.lower().startswith(lab.lower()):
             return lab
-    return t if t else labels[0]
+    return None
 
 
 def parse_json_output(text: str, schema: Mapping[str, Any], finish_reason: str | None) -> dict[str, Any]:
