@@ -59,6 +59,8 @@ RESULT_COLUMNS = frozenset(
     }
 )
 FLUSH_SECONDS = 20.0
+REVIVE_TIMEOUT_S = 1800.0
+PREFETCH_BLOCKS = 8
 
 
 # ------------------------------------------------------------------------------------------- preflight
@@ -239,6 +241,9 @@ class Slot:
     capacity: int
     inflight: int = 0
     done: int = 0
+    reserved: bool = False  # running quarantined rows alone
+    ping: Callable[[], Any] | None = None  # async: returns once the engine answers (raises while it is down)
+    down: bool = False  # lost; waiting for Ray to restart it
 
     @property
     def max_model_len(self) -> int:
@@ -307,7 +312,7 @@ class EnginePool:
         for i, (actor, info) in enumerate(zip(actors, infos, strict=True)):
             seqs = int(info.get("max_num_seqs") or 64)
             cap = job.cluster.rows_in_flight or 2 * seqs
-            pool.slots.append(Slot(f"engine-{i}", _actor_call(actor), info, cap))
+            pool.slots.append(Slot(f"engine-{i}", _actor_call(actor), info, cap, ping=_actor_ping(actor)))
         return pool
 
     async def close(self, force: bool = False) -> None:
@@ -326,6 +331,16 @@ def _actor_call(actor: Any) -> Callable[..., Any]:
         return await actor.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
 
     return call
+
+
+def _actor_ping(actor: Any) -> Callable[[], Any]:
+    async def ping():
+        info = await actor.info.remote()
+        if info.get("error"):
+            raise EngineStartError(f"a restarted engine failed to start: {info['error']}")
+        return info
+
+    return ping
 
 
 def _is_engine_loss(e: BaseException) -> bool:
@@ -377,6 +392,7 @@ class Driver:
         self.task = task.model_dump(mode="json")
         self.sampling = self.job.sampling.model_dump(mode="json")
         self.cond = asyncio.Condition()
+        self.quarantine = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
         self.last_flush = time.monotonic()
         self.tag = (self.job.name or "job").replace(" ", "_")[:24]
@@ -433,27 +449,38 @@ class Driver:
         self.last_flush = time.monotonic()
 
     # -- dispatch ------------------------------------------------------------------------------------
-    async def submit(self, work: _Work) -> None:
+    def _eligible(self, work: _Work) -> list[Slot]:
         need = max(r["prompt_tokens"] + r["budget"] for r in work.rows)
-        eligible = [s for s in self.pool.slots if s.max_model_len >= need]
+        return [s for s in self.pool.slots if s.max_model_len >= need]
+
+    async def _too_long(self, work: _Work) -> None:
+        longest = max(s.max_model_len for s in self.pool.slots)
+        await self._accept(
+            [
+                {
+                    "row_id": r["row_id"],
+                    "prompt_tokens": r["prompt_tokens"],
+                    "error_code": str(RowError.PROMPT_TOO_LONG),
+                    "error_message": f"prompt has {r['prompt_tokens']} tokens + {r['budget']} to generate > "
+                    f"max_model_len {longest} of every engine",
+                }
+                for r in work.rows
+            ]
+        )
+
+    async def submit(self, work: _Work) -> None:
+        """Send rows to the least loaded engine that fits them, waiting while all are full."""
+        eligible = self._eligible(work)
         if not eligible:
-            longest = max(s.max_model_len for s in self.pool.slots)
-            await self._accept(
-                [
-                    {
-                        "row_id": r["row_id"],
-                        "prompt_tokens": r["prompt_tokens"],
-                        "error_code": str(RowError.PROMPT_TOO_LONG),
-                        "error_message": f"prompt has {r['prompt_tokens']} tokens + {r['budget']} to generate > "
-                        f"max_model_len {longest} of every engine",
-                    }
-                    for r in work.rows
-                ]
-            )
+            await self._too_long(work)
             return
         async with self.cond:
             while True:
-                free = [s for s in eligible if s.inflight + len(work.rows) <= s.capacity or s.inflight == 0]
+                free = [
+                    s
+                    for s in eligible
+                    if not s.reserved and (s.inflight + len(work.rows) <= s.capacity or s.inflight == 0)
+                ]
                 if free:
                     slot = min(free, key=lambda s: (s.inflight / s.capacity, s.max_model_len))
                     break
@@ -463,23 +490,51 @@ class Driver:
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
 
-    async def _run(self, slot: Slot, work: _Work) -> None:
+    async def _call(self, slot: Slot, work: _Work) -> list[dict[str, Any]] | None:
+        """One engine call; None if the engine was lost (actor died, node lost, replica gone)."""
         payload = [
             {"row_id": r["row_id"], "prompt_ids": r["prompt_ids"], "label_ids": r["label_ids"]}
             for r in work.rows
         ]
         try:
-            results = await slot.call(payload, self.task, self.sampling, self.priority, self.tag)
+            return await slot.call(payload, self.task, self.sampling, self.priority, self.tag)
         except Exception as e:
             if not _is_engine_loss(e):
                 raise
-            log.warning(
-                "%s lost with %d rows in flight (%s); redoing them",
-                slot.name,
-                len(work.rows),
-                type(e).__name__,
-            )
-            results = None
+            log.warning("%s lost with %d rows in flight (%s)", slot.name, len(work.rows), type(e).__name__)
+            if not slot.down:
+                slot.down = True
+                t = asyncio.create_task(self._revive(slot))
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
+            return None
+
+    async def _revive(self, slot: Slot) -> None:
+        """Wait for Ray to restart a lost engine (a vLLM start can take minutes), then use it again."""
+        deadline = time.monotonic() + REVIVE_TIMEOUT_S
+        delay = 0.5
+        while True:
+            try:
+                if slot.ping is None:
+                    await asyncio.sleep(5)
+                else:
+                    slot.info.update(await slot.ping())
+                break
+            except EngineStartError:
+                raise
+            except Exception as e:
+                if not _is_engine_loss(e) or time.monotonic() > deadline:
+                    raise JobError(f"{slot.name} did not come back after it was lost: {e}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        log.warning("%s is back", slot.name)
+        async with self.cond:
+            slot.down = False
+            self.cond.notify_all()
+
+    async def _run(self, slot: Slot, work: _Work) -> None:
+        try:
+            results = await self._call(slot, work)
         finally:
             async with self.cond:
                 slot.inflight -= len(work.rows)
@@ -488,37 +543,74 @@ class Driver:
             slot.done += len(results)
             await self._accept(results)
             return
-        await self._retry(work)
+        # Every row that was on a lost engine is a suspect: most were innocent bystanders of a kill or
+        # of one bad row. Suspects run in quarantine, one batch at a time on an engine of their own.
+        async with self.quarantine:
+            await self._isolate(work)
 
-    async def _retry(self, work: _Work) -> None:
-        if len(work.rows) > 1:  # bisect: a row that kills its engine ends up alone
-            mid = len(work.rows) // 2
-            for part in (work.rows[:mid], work.rows[mid:]):
-                await self.submit(_Work(part, work.attempts))
-            return
-        if work.attempts + 1 >= self.job.cluster.max_attempts:
-            r = work.rows[0]
-            await self._accept(
-                [
-                    {
-                        "row_id": r["row_id"],
-                        "prompt_tokens": r["prompt_tokens"],
-                        "error_code": str(RowError.ENGINE_ERROR),
-                        "error_message": f"engine died {work.attempts + 1} times while running this row",
-                    }
-                ]
-            )
-            return
-        await asyncio.sleep(min(2.0 * (work.attempts + 1), 10))
-        await self.submit(_Work(work.rows, work.attempts + 1))
+    async def _reserve(self, work: _Work) -> Slot | None:
+        eligible = self._eligible(work)
+        if not eligible:
+            return None
+        async with self.cond:
+            while True:
+                free = [s for s in eligible if not s.reserved and not s.down]
+                if free:
+                    slot = min(free, key=lambda s: s.inflight)
+                    slot.reserved = True
+                    break
+                await self.cond.wait()
+            while slot.inflight:  # let its other rows finish first
+                await self.cond.wait()
+        return slot
 
-    async def consume(self, batches: Any) -> None:
-        it = iter(batches)
+    async def _isolate(self, work: _Work) -> None:
+        """Run suspect rows alone: a batch that still kills its engine is bisected until the row that
+        does it stands alone; that row gets max_attempts tries, then becomes an ENGINE_ERROR row."""
+        queue = [work]
+        while queue:
+            w = queue.pop(0)
+            slot = await self._reserve(w)
+            if slot is None:
+                await self._too_long(w)
+                continue
+            try:
+                results = await self._call(slot, w)
+            finally:
+                async with self.cond:
+                    slot.reserved = False
+                    self.cond.notify_all()
+            if results is not None:
+                slot.done += len(results)
+                await self._accept(results)
+            elif len(w.rows) > 1:
+                mid = len(w.rows) // 2
+                queue[:0] = [_Work(w.rows[:mid], w.attempts), _Work(w.rows[mid:], w.attempts)]
+            elif w.attempts + 1 >= self.job.cluster.max_attempts:
+                r = w.rows[0]
+                await self._accept(
+                    [
+                        {
+                            "row_id": r["row_id"],
+                            "prompt_tokens": r["prompt_tokens"],
+                            "error_code": str(RowError.ENGINE_ERROR),
+                            "error_message": f"the engine died each of the {w.attempts + 1} times it ran this row alone",
+                        }
+                    ]
+                )
+            else:
+                await asyncio.sleep(min(2.0 * (w.attempts + 1), 10))
+                queue.insert(0, _Work(w.rows, w.attempts + 1))
+
+    async def consume(self, blocks: asyncio.Queue) -> None:
+        """Dispatch rendered blocks from `blocks` (None ends the stream; an exception is re-raised)."""
         batch_rows = self.job.cluster.batch_rows
         while True:
-            block = await asyncio.to_thread(next, it, None)
+            block = await blocks.get()
             if block is None:
                 break
+            if isinstance(block, BaseException):
+                raise block
             if self.schema is None:
                 self.schema = self._output_schema(block.schema)
             errors, ok = [], []
@@ -554,10 +646,14 @@ def init_ray(job: JobSpec) -> bool:
         "logging_level": logging.WARNING,
         "log_to_driver": bool(os.environ.get("TURBO_BATCH_VERBOSE")),
     }
-    if job.cluster.address == "local":
+    if job.cluster.address == "local" and job.cluster.engine_source != "serve":
         ray.init(num_cpus=job.cluster.num_cpus, include_dashboard=False, **kw)
-    else:
-        ray.init(address=job.cluster.address, **kw)
+    else:  # engine_source=serve joins the running cluster of `turbo-batch serve` ("local": this machine's)
+        address = "auto" if job.cluster.address == "local" else job.cluster.address
+        try:
+            ray.init(address=address, **kw)
+        except ConnectionError as e:
+            raise JobError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
     return True
 
 
@@ -587,30 +683,55 @@ def build_dataset(plan: Plan, committed: pa.Array | None):
     )
 
 
+async def _produce(ds: Any, blocks: asyncio.Queue) -> None:
+    """Pull rendered blocks out of Ray Data (a blocking iterator) into a bounded queue."""
+    it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+    try:
+        while True:
+            block = await asyncio.to_thread(next, it, None)
+            await blocks.put(block)
+            if block is None:
+                return
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:  # surfaces in the consumer, which re-raises it
+        await blocks.put(e)
+
+
 async def run_plan(plan: Plan, out: OutputDir, *, pool: Any = None, progress: Any = None) -> dict[str, Any]:
     job = plan.job
     committed = out.committed_ids()
     skipped = out.committed_rows
     todo = max(plan.total_rows - skipped, 0)
     own_pool = pool is None
+    # Ray Data starts reading and rendering while the engines start (minutes on a GPU): the first
+    # rendered blocks are waiting when the engines are ready.
+    blocks: asyncio.Queue = asyncio.Queue(maxsize=PREFETCH_BLOCKS)
+    producer = asyncio.create_task(_produce(build_dataset(plan, committed), blocks)) if todo else None
     t_engine = time.monotonic()
-    if pool is None:
-        if job.cluster.engine_source == "serve":
-            from turbo_batch.serve_client import ServePool
+    try:
+        if pool is None:
+            if job.cluster.engine_source == "serve":
+                from turbo_batch.serve_client import ServePool
 
-            pool = await ServePool.connect(job)
-        else:
-            pool = await EnginePool.start(job)
+                pool = await ServePool.connect(job)
+            else:
+                pool = await EnginePool.start(job)
+    except BaseException:
+        if producer is not None:
+            producer.cancel()
+        raise
     engine_start_s = time.monotonic() - t_engine if own_pool else 0.0
     priority = job.cluster.priority if job.cluster.engine_source == "serve" else 0
     driver = Driver(job, plan, pool, out, priority=priority, on_progress=progress or (lambda n: None))
     t0 = time.monotonic()
     try:
-        if todo:
-            await driver.consume(
-                build_dataset(plan, committed).iter_batches(batch_size=None, batch_format="pyarrow")
-            )
+        if producer is not None:
+            await driver.consume(blocks)
+            await producer
     finally:
+        if producer is not None and not producer.done():
+            producer.cancel()
         if own_pool:
             await pool.close()
     wall = time.monotonic() - t0

@@ -1,0 +1,301 @@
+"""Exactly-once output under real failures: killed engine actors, killed drivers, full disks.
+
+The driver-kill tests run `turbo-batch run` as a separate process against this session's Ray cluster
+with `cluster.reuse_engines: true`, so every rerun attaches to the same detached engine actor instead
+of paying an engine start. Faults are injected with TURBO_BATCH_FAULT (SIGKILL of the driver at a
+named point of the commit protocol) or by killing processes from outside. Every test checks exact
+row ids: each input row exactly once, no duplicates, no orphan temp files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import job_dict
+from turbo_batch.batch import Slot, run_job
+from turbo_batch.output import MANIFEST, SUCCESS
+from turbo_batch.spec import JobSpec
+
+pytestmark = pytest.mark.slow
+N = 400
+
+
+def _texts(n):
+    return [f"review {i}: the plot was {'thin' if i % 2 else 'rich'} and the cast {i % 7}" for i in range(n)]
+
+
+def assert_exactly_once(out: Path, n: int) -> list[int]:
+    """Every visible part together holds rows 0..n-1 exactly once, and the manifest lists exactly those parts."""
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    listed = [json.loads(x)["part"] for x in (out / MANIFEST).read_text().splitlines() if x.strip()]
+    assert sorted(listed) == parts, "manifest and visible parts differ"
+    ids = [i for p in parts for i in pq.read_table(out / p, columns=["row_id"]).column("row_id").to_pylist()]
+    assert len(ids) == len(set(ids)), "duplicate rows"
+    assert sorted(ids) == list(range(n))
+    assert not list((out / "_tmp").glob("*")) if (out / "_tmp").exists() else True
+    return ids
+
+
+def visible_ids(out: Path) -> list[int]:
+    return [
+        i
+        for p in out.glob("part-*.parquet")
+        for i in pq.read_table(p, columns=["row_id"]).column("row_id").to_pylist()
+    ]
+
+
+@pytest.fixture(scope="module")
+def cluster_job(ray_session, tiny_model, tmp_path_factory):
+    """A job file on the session's Ray cluster that reuses one detached engine across driver processes."""
+    root = tmp_path_factory.mktemp("reliability")
+    pq.write_table(pa.table({"text": _texts(N)}), root / "in.parquet", row_group_size=100)
+    address = ray_session.get_runtime_context().gcs_address
+    data = job_dict(
+        tiny_model,
+        root / "in.parquet",
+        "out",
+        task={"type": "generate", "max_tokens": 4},
+        output={"part_rows": 40},
+        cluster={"address": address, "reuse_engines": True, "engines": 1},
+    )
+    yield root, data
+    for actor in ray_session.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("tb-engine-"):
+            ray_session.kill(ray_session.get_actor(actor["name"], namespace=actor["namespace"]))
+
+
+def _write_job(root: Path, data: dict, out: str) -> Path:
+    path = root / f"{out}.yaml"
+    path.write_text(yaml.safe_dump({**data, "output": {**data["output"], "dir": out}}))
+    return path
+
+
+def _run_cli(
+    root: Path, job: Path, *args: str, fault: str | None = None, timeout: int = 400, wait: bool = True
+):
+    env = {**os.environ, "TURBO_BATCH_OUTPUT_ROOT": str(root)}
+    env.pop("TURBO_BATCH_FAULT", None)
+    if fault:
+        env["TURBO_BATCH_FAULT"] = fault
+    cmd = [sys.executable, "-m", "turbo_batch.cli", "run", str(job), "--quiet", *args]
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_first_run_completes_and_rerun_skips_everything(cluster_job):
+    root, data = cluster_job
+    job = _write_job(root, data, "clean")
+    r = _run_cli(root, job)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_exactly_once(root / "clean", N)
+    assert (root / "clean" / SUCCESS).exists()
+    r = _run_cli(root, job)  # nothing left to do
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((root / "clean" / "_summary.json").read_text())
+    assert summary["rows_skipped_already_committed"] == N and summary["rows_this_run"] == 0
+    assert_exactly_once(root / "clean", N)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "before_rename:2",
+        "after_rename:3",
+        "after_manifest:2",
+        "before_success:1",
+        "after_rename:1,before_rename:9",
+    ],
+)
+def test_driver_killed_at_a_commit_point_then_resumed(cluster_job, fault):
+    root, data = cluster_job
+    name = "kill-" + fault.replace(":", "").replace(",", "-")
+    job = _write_job(root, data, name)
+    out = root / name
+    r = _run_cli(root, job, fault=fault)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    assert not (out / SUCCESS).exists()
+    before = visible_ids(out)
+    assert len(before) == len(set(before)) and len(before) < N + 1
+    if fault.startswith("before_success"):
+        assert sorted(before) == list(range(N))
+    r = _run_cli(root, job)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_exactly_once(out, N)
+    assert (out / SUCCESS).exists()
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_skipped_already_committed"] == len(before)
+    assert summary["rows_this_run"] == N - len(before)
+
+
+def test_driver_killed_from_outside_twice_then_resumed(cluster_job):
+    root, data = cluster_job
+    job = _write_job(root, data, "sigkill")
+    out = root / "sigkill"
+    for parts_before_kill in (2, 5):
+        proc = _run_cli(root, job, wait=False)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            manifest = out / MANIFEST
+            if manifest.exists() and len(manifest.read_text().splitlines()) >= parts_before_kill:
+                break
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        assert not (out / SUCCESS).exists() or len(visible_ids(out)) == N
+        ids = visible_ids(out)
+        assert len(ids) == len(set(ids))
+    r = _run_cli(root, job)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_exactly_once(out, N)
+
+
+def test_disk_full_is_a_clear_error_and_rerun_resumes(cluster_job):
+    root, data = cluster_job
+    job = _write_job(root, data, "diskfull")
+    r = _run_cli(root, job, fault="enospc:3")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "the disk is full" in r.stderr and "rerun to resume" in r.stderr
+    assert len(visible_ids(root / "diskfull")) == 80  # two parts of 40 made it, the third did not
+    r = _run_cli(root, job)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_exactly_once(root / "diskfull", N)
+
+
+def test_changed_job_file_is_refused_before_ray_starts(cluster_job):
+    root, data = cluster_job
+    job = _write_job(root, data, "changed")
+    assert _run_cli(root, job, fault="after_manifest:1").returncode == -signal.SIGKILL
+    changed = {
+        **data,
+        "task": {"type": "generate", "max_tokens": 5},
+        "output": {**data["output"], "dir": "changed"},
+    }
+    job.write_text(yaml.safe_dump(changed))
+    r = _run_cli(root, job)
+    assert r.returncode == 3 and "different job" in r.stderr and "--restart" in r.stderr
+    assert "starting Ray" not in r.stderr
+    r = _run_cli(root, job, "--restart")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_exactly_once(root / "changed", N)
+
+
+def test_engine_actor_killed_mid_job(tiny_pool, tiny_model, out_root):
+    """SIGKILL the real engine actor's process: Ray restarts it, its rows are redone, output exactly once."""
+    n = 1500
+    pq.write_table(pa.table({"text": _texts(n)}), out_root / "in.parquet")
+    job = JobSpec.model_validate(
+        job_dict(
+            tiny_model,
+            out_root / "in.parquet",
+            "o",
+            task={"type": "generate", "max_tokens": 8},
+            output={"part_rows": 50},
+        )
+    )
+    slot = tiny_pool.slots[0]
+    pid = slot.info["pid"] if not slot.info.get("_restarted") else asyncio.run(_pid(tiny_pool))
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=run_job(job, pool=tiny_pool)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out_root / "o" / MANIFEST).exists():
+        time.sleep(0.05)
+    assert thread.is_alive(), "job finished before the kill: make it longer"
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "summary" in result
+    assert_exactly_once(out_root / "o", n)
+    assert result["summary"]["rows_error"] == 0
+    new_pid = asyncio.run(_pid(tiny_pool))
+    assert new_pid != pid
+    slot.info["_restarted"] = True
+
+
+async def _pid(pool) -> int:
+    return (await pool.actors[0].info.remote())["pid"]
+
+
+# -------------------------------------------------------------- orchestration with a fake engine (fast)
+
+
+class PoisonEngine:
+    """Answers like an engine, but its process dies whenever a batch holds a poison row."""
+
+    def __init__(self, poison: list[int], deaths: str):
+        self.poison = set(poison)
+        self.deaths = deaths
+
+    def ping(self):
+        return {}
+
+    async def run_rows(self, rows, task, sampling, priority=0, tag=""):
+        if any(r["row_id"] in self.poison for r in rows):
+            with open(self.deaths, "a") as fh:
+                fh.write("x")
+            os._exit(1)
+        await asyncio.sleep(0.01)
+        return [
+            {
+                "row_id": r["row_id"],
+                "label": "positive",
+                "probs": {"positive": 0.75, "negative": 0.25},
+                "prompt_tokens": len(r["prompt_ids"]),
+                "output_tokens": 1,
+            }
+            for r in rows
+        ]
+
+
+class FakePool:
+    def __init__(self, actor):
+        async def call(rows, task, sampling, priority, tag):
+            return await actor.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
+
+        async def ping():
+            return await actor.ping.remote()
+
+        self.slots = [Slot("fake", call, {"max_model_len": 1024}, capacity=64, ping=ping)]
+
+    async def close(self):
+        pass
+
+
+def test_rows_that_keep_killing_engines_become_error_rows(ray_session, tiny_model, out_root):
+    poison = [7, 130]
+    deaths = out_root / "deaths"
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    actor = (
+        ray_session.remote(PoisonEngine)
+        .options(max_restarts=-1, max_task_retries=0, num_cpus=0)
+        .remote(poison, str(deaths))
+    )
+    n = 200
+    pq.write_table(pa.table({"text": _texts(n)}), out_root / "in.parquet")
+    job = JobSpec.model_validate(
+        job_dict(tiny_model, out_root / "in.parquet", "o", cluster={"batch_rows": 16, "max_attempts": 3})
+    )
+    summary = run_job(job, pool=FakePool(actor))
+    rows = {r["row_id"]: r for r in pq.read_table(out_root / "o").to_pylist()}
+    assert_exactly_once(out_root / "o", n)
+    assert sorted(i for i, r in rows.items() if r["error_code"] == "ENGINE_ERROR") == poison
+    assert all(rows[i]["label"] == "positive" for i in rows if i not in poison)
+    assert summary["rows_error"] == 2
+    # Bisection isolates each poison row; then it gets max_attempts tries alone. Bounded, not forever.
+    assert len(deaths.read_text()) <= len(poison) * (4 + 3) + 4
+    ray_session.kill(actor)
