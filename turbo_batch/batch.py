@@ -650,6 +650,10 @@ def init_ray(job: JobSpec) -> bool:
         ray.init(num_cpus=job.cluster.num_cpus, include_dashboard=False, **kw)
     else:  # engine_source=serve joins the running cluster of `turbo-batch serve` ("local": this machine's)
         address = "auto" if job.cluster.address == "local" else job.cluster.address
+        if "RAY_AUTH_MODE" not in os.environ:  # Ray 2.60 sends ~/.ray/auth_token to an explicit address
+            from ray._private.authentication import authentication_token_setup as auth  # only if told so
+
+            auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         try:
             ray.init(address=address, **kw)
         except ConnectionError as e:
@@ -729,12 +733,12 @@ async def run_plan(plan: Plan, out: OutputDir, *, pool: Any = None, progress: An
         if producer is not None:
             await driver.consume(blocks)
             await producer
+        wall = time.monotonic() - t0  # engines ready → last row committed (engine shutdown not counted)
     finally:
         if producer is not None and not producer.done():
             producer.cancel()
         if own_pool:
             await pool.close()
-    wall = time.monotonic() - t0
     summary = report.summary(
         driver.stats,
         wall_s=wall,

@@ -221,18 +221,11 @@ def plan(job_file: Path, set_: SetOpt = None) -> None:
 
 
 def main() -> None:
-    try:
-        from turbo_batch.convert import convert_app  # the `convert` command (Turbo recipe)
+    from turbo_batch.convert import convert_command
+    from turbo_batch.serve import serve_command
 
-        app.add_typer(convert_app, name="convert")
-    except ImportError:
-        pass
-    try:
-        from turbo_batch.serve import serve_command
-
-        app.command("serve")(serve_command)
-    except ImportError:
-        pass
+    app.command("convert")(convert_command)
+    app.command("serve")(serve_command)
     app()
 
 

@@ -1,0 +1,510 @@
+"""The online endpoint, for real: one Serve app on the tiny model (one engine start for the module),
+the official `openai` client unchanged, raw HTTP for auth/limit edge cases, and a batch job sent
+through the Serve app compared with the same job on its own engine actor."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import secrets
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import TINY_ENGINE, job_dict
+
+from turbo_batch.errors import JobError, SpecError
+
+REPO = Path(__file__).resolve().parent.parent
+LABELS = ["positive", "negative"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    url: str  # .../v1
+    base: str  # scheme://host:port
+    key: str
+    spec: object
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.url, api_key=self.key, max_retries=0, timeout=60, **kw)
+
+    def engine_info(self) -> dict:
+        from ray import serve
+
+        handle = serve.get_deployment_handle("Engine", app_name=self.spec.name)
+        return handle.info.remote().result(timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tiny_model, monkeypatch_module):
+    from turbo_batch import serve as tbs
+
+    key = "tb-" + secrets.token_hex(12)
+    monkeypatch_module.setenv("TB_TEST_API_KEY", key)
+    spec = tbs.parse(
+        tbs.ServeSpec,
+        {
+            "name": "tb-test",
+            "model": {"path": str(tiny_model), "engine": dict(TINY_ENGINE)},
+            "served_model_name": "tiny",
+            "http": {"host": "127.0.0.1", "port": _free_port()},
+            "cluster": {"engine_cpus": 0.5},
+            "auth": {"api_key_env": "TB_TEST_API_KEY"},
+            "limits": {
+                "max_body_bytes": 64 * 1024,
+                "max_messages": 8,
+                "max_tokens": 1000,
+                "default_max_tokens": 16,
+                "max_inputs": 8,
+                "max_concurrent": 8,
+                "max_online_per_engine": 16,
+                "engine_max_queued": 8,
+            },
+            "classifiers": {
+                "sentiment": {"labels": LABELS},
+                "review": {"labels": LABELS, "prompt": {"template": "Review: {{ text }}", "chat": False}},
+            },
+        },
+    )
+    url = tbs.deploy(spec, key=tbs.api_key(spec))
+    yield Served(url, url.removesuffix("/v1"), key, spec)
+    tbs.undeploy(spec, shutdown=True)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+# ------------------------------------------------------------------------------------- serve files (fast)
+
+
+def test_serve_files_in_jobs_load(monkeypatch):
+    from turbo_batch.serve import load_serve
+
+    monkeypatch.setenv("TURBO_BATCH_CACHE", "/tmp/cache")
+    files = sorted((REPO / "jobs").glob("*serve*.yaml"))
+    assert {f.name for f in files} >= {"serve_cpu.yaml", "serve_turbo.yaml"}
+    for f in files:
+        spec = load_serve(f)
+        assert spec.model.path and "${" not in spec.model.path
+        assert spec.http.host == "127.0.0.1" and spec.auth.api_key_env
+    turbo = load_serve(REPO / "jobs" / "serve_turbo.yaml")
+    assert turbo.model.path == "LilaRest/gemma-4-31B-it-NVFP4-turbo"
+    assert turbo.model.trust_remote_code is True
+    assert turbo.model.engine == {
+        "quantization": "modelopt",
+        "kv_cache_dtype": "fp8",
+        "enable_prefix_caching": True,
+        "max_num_seqs": 128,
+        "max_num_batched_tokens": 8192,
+        "max_model_len": 16384,
+        "gpu_memory_utilization": 0.95,
+    }
+
+
+def test_serve_file_errors_name_the_field(tmp_path):
+    from turbo_batch.serve import load_serve
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model: {path: /m}\nlimitz: {}\nclassifiers:\n  c: {labels: [a, a]}\n"
+        "  d: {labels: [a, b], prompt: {template: '{{ row.x }}'}}\n"
+    )
+    with pytest.raises(SpecError) as e:
+        load_serve(bad)
+    text = "\n".join(e.value.problems)
+    assert "limitz: unknown field" in text
+    assert "classifiers.c" in text and "unique" in text
+    assert "classifiers.d" in text and "only `text`" in text
+
+
+def test_api_key_env_must_be_set(tmp_path, monkeypatch):
+    from turbo_batch.serve import api_key, load_serve
+
+    f = tmp_path / "s.yaml"
+    f.write_text("model: {path: /m}\nauth: {api_key_env: TB_NOT_SET_KEY}\n")
+    monkeypatch.delenv("TB_NOT_SET_KEY", raising=False)
+    with pytest.raises(SpecError, match="TB_NOT_SET_KEY"):
+        api_key(load_serve(f))
+
+
+# --------------------------------------------------------------------------------------- OpenAI routes
+
+
+@pytest.mark.slow
+def test_models(served):
+    models = served.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+@pytest.mark.slow
+def test_completions(served):
+    r = served.client().completions.create(model="tiny", prompt="the movie was", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.model == "tiny"
+    assert isinstance(r.choices[0].text, str) and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 1 <= r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+@pytest.mark.slow
+def test_chat(served):
+    r = served.client().chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    assert r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 5
+    again = served.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=6, temperature=0
+    )
+    assert (
+        again.choices[0].message.content
+        == served.client()
+        .chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=6, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
+
+
+@pytest.mark.slow
+def test_streaming_chat(served):
+    client = served.client()
+    kw = {"model": "tiny", "messages": [{"role": "user", "content": "Count to ten"}], "temperature": 0}
+    chunks = list(
+        client.chat.completions.create(
+            **kw, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"] or finals == ["stop"]
+    assert chunks[-1].usage.completion_tokens <= 12 and chunks[-1].choices == []
+    full = client.chat.completions.create(**kw, max_tokens=12)
+    assert text == full.choices[0].message.content  # same text streamed or not (temperature 0)
+
+
+@pytest.mark.slow
+def test_classify(served):
+    for name, text in (("sentiment", "a great film"), ("review", "dull and long")):
+        r = httpx.post(
+            f"{served.url}/classify",
+            json={"classifier": name, "input": text},
+            headers=served.auth,
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["classifier"] == name and len(body["data"]) == 1
+        item = body["data"][0]
+        assert item["label"] in LABELS
+        assert set(item["probs"]) == set(LABELS)
+        assert abs(sum(item["probs"].values()) - 1.0) < 1e-6
+        assert item["label"] == max(item["probs"], key=item["probs"].get)
+    many = httpx.post(
+        f"{served.url}/classify",
+        json={"classifier": "sentiment", "input": ["good", "bad", "fine"]},
+        headers=served.auth,
+        timeout=60,
+    ).json()
+    assert [d["index"] for d in many["data"]] == [0, 1, 2]
+    assert many["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_health_and_metrics(served):
+    assert httpx.get(f"{served.base}/health", headers=served.auth).json()["status"] == "ok"
+    text = httpx.get(f"{served.base}/metrics", headers=served.auth).text
+    assert "turbo_batch_http_requests_total" in text and "turbo_batch_http_request_seconds_bucket" in text
+
+
+# ---------------------------------------------------------------------------------------- safety
+
+
+ROUTES = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/classify"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/no/such/route"),
+]
+
+
+@pytest.mark.slow
+def test_every_route_needs_the_key(served):
+    import openai
+
+    body = {"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}], "input": "x"}
+    for method, path in ROUTES:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {served.key}"}):
+            r = httpx.request(
+                method, served.base + path, json=body if method == "POST" else None, headers=headers
+            )
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served.url, api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.slow
+def test_request_limits(served):
+    import openai
+
+    client = served.client()
+    msg = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny", messages=msg, max_tokens=5000)
+    with pytest.raises(openai.BadRequestError, match="exceed the limit"):
+        client.chat.completions.create(model="tiny", messages=msg * 9, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="templates come from the serve file"):
+        client.chat.completions.create(
+            model="tiny", messages=msg, max_tokens=2, extra_body={"chat_template": "{{ 7*7 }}"}
+        )
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=msg, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="word " * 1100, max_tokens=1)
+    big = httpx.post(
+        f"{served.url}/chat/completions",
+        content=json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * 70_000}]}),
+        headers={**served.auth, "Content-Type": "application/json"},
+    )
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    bad = httpx.post(f"{served.url}/completions", content=b"{not json", headers=served.auth)
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+@pytest.mark.slow
+def test_overload_burst_gives_429_or_503_then_recovers(served):
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, headers=served.auth) as http:
+
+            async def chat(i: int) -> int:
+                r = await http.post(
+                    f"{served.url}/chat/completions",
+                    json={
+                        "model": "tiny",
+                        "messages": [{"role": "user", "content": f"hi {i}"}],
+                        "max_tokens": 32,
+                    },
+                )
+                if r.status_code != 200:
+                    assert r.json()["error"]["message"], (r.status_code, r.text)
+                return r.status_code
+
+            async def classify(i: int) -> int:
+                r = await http.post(
+                    f"{served.url}/classify", json={"classifier": "sentiment", "input": [f"text {i}"] * 6}
+                )
+                if r.status_code != 200:
+                    assert r.headers["content-type"] == "application/json", (r.status_code, r.text)
+                    assert r.json()["error"]["message"], (r.status_code, r.text)
+                return r.status_code
+
+            return await asyncio.gather(*(chat(i) if i % 2 else classify(i) for i in range(60)))
+
+    codes = asyncio.run(burst())
+    print("burst status codes:", sorted(Counter(codes).items()))
+    assert set(codes) <= {200, 429, 503}, codes
+    assert 200 in codes and (429 in codes or 503 in codes), codes
+    # the service answers normally afterwards, with nothing left running in the engine
+    r = served.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert r.usage.completion_tokens >= 1
+    deadline = time.monotonic() + 10
+    while served.engine_info()["unfinished"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    info = served.engine_info()
+    assert info["unfinished"] == 0 and info["online"] == 0
+
+
+@pytest.mark.slow
+def test_disconnected_stream_aborts_engine_request(served):
+    before = served.engine_info()["aborted"]
+    stream = served.client().chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Write a long story"}],
+        max_tokens=900,
+        temperature=0,
+        stream=True,
+    )
+    for i, _ in enumerate(stream):
+        if i >= 3:
+            break
+    assert served.engine_info()["unfinished"] == 1  # still generating
+    stream.close()  # the client goes away mid-stream
+    info = _wait_idle(served)
+    assert info["unfinished"] == 0 and info["online"] == 0
+    assert info["aborted"] == before + 1
+
+
+@pytest.mark.slow
+def test_disconnected_plain_request_aborts_engine_request(served):
+    before = served.engine_info()["aborted"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up on a long non-streaming completion
+        httpx.post(
+            f"{served.url}/completions",
+            json={"model": "tiny", "prompt": "once upon a time", "max_tokens": 900, "temperature": 0},
+            headers=served.auth,
+            timeout=httpx.Timeout(10, read=0.5),
+        )
+    info = _wait_idle(served)
+    assert info["unfinished"] == 0 and info["aborted"] == before + 1
+
+
+def _wait_idle(served, timeout_s: float = 10) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = served.engine_info()
+        if info["unfinished"] == 0 or time.monotonic() > deadline:
+            return info
+        time.sleep(0.1)
+
+
+def test_online_first_gate_caps_batch_rows_while_online():
+    """The engine replica lets at most batch_rows_while_online batch rows into vLLM during online traffic."""
+    from turbo_batch.serve_engine import EngineReplica
+
+    class FakeEngine:  # run_rows like Engine's: each row takes a while; records batch rows in flight
+        def __init__(self):
+            self.batch = 0
+            self.peak_online = 0  # most batch rows in flight while an online request was in
+            self.peak = 0
+
+        async def run_rows(self, rows, task, sampling, *, priority=0, tag="row"):
+            if tag == "classify":
+                await asyncio.sleep(0.3)
+            else:
+                self.batch += len(rows)
+                self.peak = max(self.peak, self.batch)
+                await asyncio.sleep(0.05)
+                if rep.online:
+                    self.peak_online = max(self.peak_online, self.batch)
+                self.batch -= len(rows)
+            return [{"row_id": r["row_id"], "label": "a"} for r in rows]
+
+        def shutdown(self):
+            pass
+
+    fake = FakeEngine()
+    rep = EngineReplica.with_engine(fake, max_online=8)
+    rep.reconfigure({"batch_rows_while_online": 3, "batch_resume_after_s": 0.05})
+    rows = [{"row_id": i, "prompt_ids": [1], "label_ids": None} for i in range(40)]
+
+    async def scenario():
+        online = asyncio.create_task(rep.classify([{"row_id": 0}], {"type": "classify"}))
+        await asyncio.sleep(0.01)
+        batch = await rep.run_rows(rows, {}, {}, priority=10, tag="b")
+        await online
+        return batch
+
+    out = asyncio.run(scenario())
+    assert [r["row_id"] for r in out] == list(range(40))
+    assert 1 <= fake.peak_online <= 3
+    assert fake.peak > 3  # after the online request (and the quiet period) the batch floods in
+    # rows as urgent as online ones (priority 0) are not held back
+    fake.peak = fake.peak_online = 0
+    asyncio.run(rep.run_rows(rows, {}, {}, priority=0, tag="b"))
+    assert fake.peak == 40
+    with pytest.raises(Exception, match="online requests"):  # over max_online: refused (→ 503)
+        asyncio.run(rep.classify([{"row_id": i} for i in range(9)], {"type": "classify"}))
+
+
+# ------------------------------------------------------------------------------------------ batch via Serve
+
+
+def _write_input(path: Path, n: int) -> Path:
+    words = ["great", "awful", "fine", "boring", "lovely", "bad", "superb", "meh"]
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps({"id": f"r{i}", "text": f"{words[i % 8]} movie number {i} " * (1 + i % 3)}) + "\n"
+            )
+    return path
+
+
+@pytest.mark.slow
+def test_batch_via_serve_matches_own_engines(served, tiny_pool, tiny_model, out_root):
+    from turbo_batch.batch import run_job
+    from turbo_batch.output import read_output
+    from turbo_batch.spec import JobSpec
+
+    inp = _write_input(out_root / "in.jsonl", 48)
+    task = {"type": "classify", "labels": LABELS}
+    own = JobSpec.model_validate(
+        job_dict(tiny_model, inp, out_root / "own", task=task, input={"id_column": "id"})
+    )
+    via = JobSpec.model_validate(
+        job_dict(
+            tiny_model,
+            inp,
+            out_root / "via",
+            task=task,
+            input={"id_column": "id"},
+            cluster={"engine_source": "serve", "serve_app": served.spec.name},
+        )
+    )
+    s_own = run_job(own, pool=tiny_pool)
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:  # online traffic while the batch runs
+        online = ex.submit(
+            lambda: [
+                served.client().chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+                )
+                for _ in range(5)
+            ]
+        )
+        s_via = run_job(via)
+        assert len(online.result()) == 5
+    assert s_own["rows_ok"] == s_via["rows_ok"] == 48
+    a = {r["row_id"]: r for r in read_output(out_root / "own").to_pylist()}
+    b = {r["row_id"]: r for r in read_output(out_root / "via").to_pylist()}
+    assert sorted(a) == sorted(b) == sorted(f"r{i}" for i in range(48))
+    assert {k: v["label"] for k, v in a.items()} == {k: v["label"] for k, v in b.items()}
+    assert all(v["error_code"] is None for v in b.values())
+    for k in a:
+        assert a[k]["probs"]["positive"] == pytest.approx(b[k]["probs"]["positive"], abs=1e-4)
+    assert s_via["engines"][0]["serve_app"] == served.spec.name
+
+
+@pytest.mark.slow
+def test_batch_via_serve_without_app_is_one_clear_error(served, tiny_model, out_root):
+    from turbo_batch.serve_client import ServePool
+    from turbo_batch.spec import JobSpec
+
+    job = JobSpec.model_validate(
+        job_dict(
+            tiny_model, "x.jsonl", out_root / "o", cluster={"engine_source": "serve", "serve_app": "nope"}
+        )
+    )
+    with pytest.raises(JobError, match="no Serve app named 'nope'"):
+        asyncio.run(ServePool.connect(job))

@@ -1,0 +1,392 @@
+"""The HTTP side of `turbo-batch serve`: OpenAI-compatible routes on a FastAPI ingress deployment.
+
+Routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or SSE streaming, usage counts),
+/v1/classify (a classifier named in the serve file: label + probabilities from one forward pass),
+/health and /metrics (Prometheus text); every route sits behind `serve_http.Guard` (API key, body
+size, 429 past `limits.max_concurrent`). Prompts are rendered here: the chat template is the
+tokenizer's (the model's own files), classifier templates come from the serve file, and a request that
+carries a template is refused. Token ids go to the Engine deployment at priority 0. When a client
+disconnects, Serve cancels this request; the handle call to the engine is cancelled with it and the
+engine aborts the vLLM request. Engine overload (its online queue or Serve's queue to it is full)
+becomes a 503 with an OpenAI-style error body. No Serve deployment options here (serve.py sets them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, load_tokenizer
+from turbo_batch.serve_engine import ONLINE_PRIORITY
+from turbo_batch.serve_http import (
+    ApiError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    Guard,
+    Message,
+    OpenAIRequest,
+    error_body,
+    make_metrics,
+    read_json,
+    validated,
+)
+
+log = logging.getLogger("turbo_batch.serve")
+
+# -------------------------------------------------------------------------------------------- the ingress
+
+
+class Api:
+    """The ingress deployment's class (wrapped by serve.ingress() in serve.build_app)."""
+
+    def __init__(self, engine: Any, config: dict[str, Any]):
+        self.engine = engine
+        self.model_name: str = config["model_name"]
+        self.model: dict[str, Any] = config["model"]
+        self.limits: dict[str, Any] = config["limits"]
+        self.key: str | None = config["api_key"]
+        self.tokenizer = load_tokenizer(
+            self.model.get("tokenizer") or self.model["path"], bool(self.model.get("trust_remote_code"))
+        )
+        self.classifiers = {
+            name: (
+                c["task"],
+                PromptBuilder(
+                    PromptConfig(
+                        c["task"],
+                        ("text",),
+                        c["prompt"]["template"],
+                        c["prompt"]["system"],
+                        c["prompt"]["chat"],
+                    ),
+                    self.tokenizer,
+                ),
+            )
+            for name, c in config["classifiers"].items()
+        }
+        self.inflight = 0
+        self.registry, self.metrics = make_metrics()
+        self._info: dict[str, Any] | None = None
+
+    def __serve_build_asgi_app__(self) -> Any:
+        app = FastAPI(title="turbo-batch", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(ApiError)
+        async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+            return e.response()
+
+        @app.exception_handler(Exception)
+        async def _internal(_: Request, e: Exception) -> JSONResponse:
+            log.exception("unhandled error in a request")
+            return ApiError(500, f"internal error: {type(e).__name__}", "server_error").response()
+
+        @app.exception_handler(404)
+        async def _not_found(request: Request, _: Exception) -> JSONResponse:
+            return ApiError(404, f"no route {request.url.path}", code="not_found").response()
+
+        @app.exception_handler(405)
+        async def _bad_method(request: Request, _: Exception) -> JSONResponse:
+            return ApiError(405, f"{request.method} not allowed on {request.url.path}").response()
+
+        app.get("/health")(self.health)
+        app.get("/metrics")(self.prometheus)
+        app.get("/v1/models")(self.models)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat)
+        app.post("/v1/classify")(self.classify)
+        app.add_middleware(Guard, api=self)
+        return app
+
+    # -- helpers ------------------------------------------------------------------------------------
+    async def info(self) -> dict[str, Any]:
+        if self._info is None:
+            try:
+                self._info = await self.engine.info.remote()
+            except Exception as e:
+                raise self._engine_error(e) from None
+        return self._info
+
+    def _check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model_name, self.model["path"]):
+            raise ApiError(
+                404,
+                f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                code="model_not_found",
+            )
+
+    async def _budget(self, prompt_len: int, asked: int | None) -> int:
+        lim = self.limits
+        if asked is not None and asked > lim["max_tokens"]:
+            raise ApiError(
+                400, f"max_tokens {asked} exceeds the limit {lim['max_tokens']}", code="invalid_value"
+            )
+        room = int((await self.info())["max_model_len"]) - prompt_len
+        want = asked if asked is not None else min(lim["default_max_tokens"], room)
+        if want > room or room < 1:
+            raise ApiError(
+                400,
+                f"prompt has {prompt_len} tokens; with max_tokens {want} that exceeds the context of "
+                f"{room + prompt_len} tokens",
+                code="context_length_exceeded",
+            )
+        return want
+
+    def _render_chat(self, messages: list[Message]) -> list[int]:
+        if len(messages) > self.limits["max_messages"]:
+            raise ApiError(
+                400, f"messages: {len(messages)} messages exceed the limit {self.limits['max_messages']}"
+            )
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template; use /v1/completions")
+        msgs = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages
+        ]
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception:
+            # Some templates (Gemma) refuse a system turn: fold it into the first user turn.
+            if msgs[0]["role"] != "system" or len(msgs) < 2 or msgs[1]["role"] != "user":
+                raise ApiError(400, "messages: the model's chat template refused these messages") from None
+            folded = [{"role": "user", "content": f"{msgs[0]['content']}\n\n{msgs[1]['content']}"}, *msgs[2:]]
+            try:
+                text = self.tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
+            except Exception as e:
+                raise ApiError(400, f"messages: the model's chat template refused them ({e})") from None
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _render_prompt(self, prompt: str | list[int] | list[str]) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt: only one prompt per request is supported")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "prompt: must not be empty")
+            return list(self.tokenizer.encode(prompt))
+        if not prompt or any(not 0 <= t < len(self.tokenizer) for t in prompt):
+            raise ApiError(400, "prompt: token ids must be a non-empty list of ids in the vocabulary")
+        return list(prompt)
+
+    def _engine_error(self, e: BaseException) -> ApiError:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        name = type(e).__name__
+        if (
+            isinstance(e, BackPressureError)
+            or "EngineOverloaded" in name
+            or "EngineOverloaded" in str(e)[:500]
+        ):
+            self.metrics["rejected"].labels("engine_overloaded").inc()
+            return ApiError(503, "the engines are at capacity; retry later", "server_error", "overloaded")
+        if isinstance(e, DeploymentUnavailableError):
+            return ApiError(503, "no engine is available", "server_error", "engine_unavailable")
+        log.error("engine call failed: %s", e)
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        return ApiError(500, f"engine error: {lines[-1] if lines else name}", "server_error", "engine_error")
+
+    # -- routes ---------------------------------------------------------------------------------------
+    async def health(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(self.engine.check_health.remote(), timeout=10)
+        except Exception as e:
+            return ApiError(
+                503, f"engine unhealthy: {type(e).__name__}", "server_error", "unhealthy"
+            ).response()
+        return JSONResponse({"status": "ok", "model": self.model_name})
+
+    async def prometheus(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        try:
+            info = await asyncio.wait_for(self.engine.info.remote(), timeout=2)
+            self.metrics["engine"].labels("unfinished").set(info["unfinished"])
+            self.metrics["engine"].labels("online").set(info["online"])
+        except Exception:  # metrics must answer even when the engines are busy
+            pass
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self) -> JSONResponse:
+        info = await self.info()
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "turbo-batch",
+            "root": self.model["path"],
+            "max_model_len": info["max_model_len"],
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def completions(self, request: Request) -> Response:
+        req = validated(CompletionRequest, await read_json(request, self.limits["max_body_bytes"]))
+        self._check_model(req.model)
+        ids = self._render_prompt(req.prompt)
+        return await self._generate(req, ids, await self._budget(len(ids), req.max_tokens), chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        req = validated(ChatRequest, await read_json(request, self.limits["max_body_bytes"]))
+        self._check_model(req.model)
+        ids = self._render_chat(req.messages)
+        asked = req.max_completion_tokens or req.max_tokens
+        return await self._generate(req, ids, await self._budget(len(ids), asked), chat=True)
+
+    async def classify(self, request: Request) -> JSONResponse:
+        req = validated(ClassifyRequest, await read_json(request, self.limits["max_body_bytes"]))
+        self._check_model(req.model)
+        name = req.classifier or (next(iter(self.classifiers)) if len(self.classifiers) == 1 else None)
+        if name is None or name not in self.classifiers:
+            known = ", ".join(sorted(self.classifiers)) or "none"
+            raise ApiError(
+                404 if name else 400,
+                f"classifier {name!r} is not defined (defined: {known})",
+                code="not_found",
+            )
+        task, builder = self.classifiers[name]
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not 1 <= len(texts) <= self.limits["max_inputs"]:
+            raise ApiError(400, f"input: 1 to {self.limits['max_inputs']} texts per request")
+        rows = []
+        for i, text in enumerate(texts):
+            try:
+                ids, label_ids = builder.build({"text": text})
+            except RowProblem as e:
+                raise ApiError(400, f"input[{i}]: {e.message}", code=str(e.code)) from None
+            await self._budget(len(ids), 1)
+            rows.append({"row_id": i, "prompt_ids": ids, "label_ids": label_ids})
+        call = self.engine.classify.remote(rows, task, ONLINE_PRIORITY)
+        try:
+            results = await call
+        except asyncio.CancelledError:  # the client went away: the engine aborts the rows
+            call.cancel()
+            raise
+        except Exception as e:
+            raise self._engine_error(e) from None
+        failed = [r for r in results if r.get("error_code")]
+        if failed:
+            raise ApiError(500, f"input[{failed[0]['row_id']}]: {failed[0]['error_message']}", "server_error")
+        used = sum(r["prompt_tokens"] for r in results)
+        self.metrics["tokens"].labels("prompt").inc(used)
+        return JSONResponse(
+            {
+                "id": f"clf-{uuid.uuid4().hex}",
+                "object": "classification",
+                "created": int(time.time()),
+                "model": self.model_name,
+                "classifier": name,
+                "data": [{"index": r["row_id"], "label": r["label"], "probs": r["probs"]} for r in results],
+                "usage": {
+                    "prompt_tokens": used,
+                    "completion_tokens": len(results),
+                    "total_tokens": used + len(results),
+                },
+            }
+        )
+
+    # -- generation -------------------------------------------------------------------------------------
+    async def _generate(self, req: OpenAIRequest, ids: list[int], max_tokens: int, *, chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        params = {
+            "max_tokens": max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "stop": stop or None,
+            "seed": req.seed,
+            "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty,
+        }
+        gen = self.engine.options(stream=True).generate.remote(
+            ids, params, rid, stream=req.stream, priority=ONLINE_PRIORITY
+        )
+        try:  # the first item (or error) decides the status code, before any byte is sent
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException as e:
+            gen.cancel()
+            if isinstance(e, Exception):
+                raise self._engine_error(e) from None
+            raise
+        self.metrics["tokens"].labels("prompt").inc(len(ids))
+        meta = {"id": rid, "created": int(time.time()), "model": self.model_name}
+        if not req.stream:
+            text, n, finish = "", 0, None
+            try:
+                async for item in _chain(first, gen):
+                    text, n, finish = text + item["text"], n + item["tokens"], item["finish_reason"] or finish
+            except asyncio.CancelledError:  # the client went away: the engine aborts the request
+                gen.cancel()
+                raise
+            except Exception as e:
+                raise self._engine_error(e) from None
+            self.metrics["tokens"].labels("completion").inc(n)
+            usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+                return JSONResponse(
+                    {
+                        **meta,
+                        "object": "chat.completion",
+                        "choices": [{**choice, "finish_reason": finish}],
+                        "usage": usage,
+                    }
+                )
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return JSONResponse({**meta, "object": "text_completion", "choices": [choice], "usage": usage})
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            self._sse(first, gen, meta, len(ids), chat, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _sse(
+        self, first: Any, gen: Any, meta: dict[str, Any], prompt_len: int, chat: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        n = 0
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+                if text:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
+
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            async for item in _chain(first, gen):
+                n += item["tokens"]
+                if item["text"] or item["finish_reason"]:
+                    yield chunk(item["text"], item["finish_reason"])
+            if include_usage:
+                usage = {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
+                yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # mid-stream failure: an error event, then the end of the stream
+            err = self._engine_error(e)
+            yield f"data: {json.dumps(error_body(err.message, err.type, err.code))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # a disconnect cancels this generator: cancel the engine call, which aborts the request
+            gen.cancel()
+            self.metrics["tokens"].labels("completion").inc(n)
+
+
+async def _chain(first: Any, gen: Any) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for item in gen:
+        yield item
