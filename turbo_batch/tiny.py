@@ -161,10 +161,9 @@ def _layer_types(num_layers: int) -> list[str]:
     ]
 
 
-def _config_dict(num_layers: int, hidden_size: int, vocab_size: int) -> dict:
+def _config_dict(num_layers: int, hidden_size: int, vocab_size: int, head_dim: int = 32) -> dict:
     from transformers import Gemma4TextConfig
 
-    head_dim = 32
     config = Gemma4TextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -293,24 +292,25 @@ def write_tiny_gemma4(
     num_layers: int = 2,
     hidden_size: int = 64,
     vocab_size: int = 512,
+    head_dim: int = 32,
 ) -> Path:
     """Write the tiny random Gemma 4 checkpoint into `out_dir` (created if missing); return its path.
 
     `seed` only changes the weights; the tokenizer and config depend on the sizes alone. `hidden_size`
-    must be a multiple of 32 (heads of size 32); `vocab_size` must leave room for the 6 special tokens,
+    must be a multiple of `head_dim` (32 by default; GPU attention kernels want 64 or more); `vocab_size` must leave room for the 6 special tokens,
     256 byte symbols and the label words (>= 384). If the corpus runs out of merges before `vocab_size`,
     the tokenizer is smaller than the embedding table, as in many real checkpoints.
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if hidden_size < 32 or hidden_size % 32:
-        raise ValueError(f"hidden_size must be a positive multiple of 32, got {hidden_size}")
+    if head_dim < 8 or hidden_size < head_dim or hidden_size % head_dim:
+        raise ValueError(f"hidden_size must be a positive multiple of head_dim {head_dim}, got {hidden_size}")
     if vocab_size < 384:
         raise ValueError(f"vocab_size must be >= 384, got {vocab_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    config = _config_dict(num_layers, hidden_size, vocab_size)
+    config = _config_dict(num_layers, hidden_size, vocab_size, head_dim)
     generation_config = {
         "bos_token_id": BOS_ID,
         "eos_token_id": [EOS_ID, END_OF_TURN_ID],
