@@ -304,11 +304,13 @@ class EnginePool:
         ]
         infos = await asyncio.gather(*(a.info.remote() for a in actors))
         pool = cls([], actors, owned=not job.cluster.reuse_engines)
-        pool.start_s = time.monotonic() - t0
         failed = [i for i in infos if i["error"]]
         if failed:
             await pool.close(force=True)
             raise EngineStartError(failed[0]["error"])
+        await asyncio.gather(*(a.warmup.remote() for a in actors))
+        infos = await asyncio.gather(*(a.info.remote() for a in actors))
+        pool.start_s = time.monotonic() - t0
         for i, (actor, info) in enumerate(zip(actors, infos, strict=True)):
             seqs = int(info.get("max_num_seqs") or 64)
             cap = job.cluster.rows_in_flight or 2 * seqs

@@ -83,6 +83,36 @@ class Engine:
             "start_s": round(self.start_s, 2),
         }
 
+    async def warmup(self) -> float:
+        """Run two throwaway requests so one-time costs (the first logprobs / allowed-token request pays
+        ~2 s on CPU) are paid at start, not by the first rows. Returns its seconds; counted as start."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.llm is None:
+            return 0.0
+        t0 = time.monotonic()
+        ids = list(self.tokenizer.encode("warm up the engine", add_special_tokens=True))[:8] or [0]
+        final = RequestOutputKind.FINAL_ONLY
+        allowed = sorted(set(ids))[:2]
+        params = [
+            SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=len(allowed),
+                allowed_token_ids=allowed,
+                detokenize=False,
+                output_kind=final,
+            ),
+            SamplingParams(max_tokens=4, temperature=0.0, output_kind=final),
+        ]
+        for i, p in enumerate(params):
+            async for _ in self.stream(ids, p, f"warmup-{uuid.uuid4().hex[:8]}-{i}"):
+                pass
+        took = time.monotonic() - t0
+        self.start_s += took
+        return took
+
     def num_unfinished(self) -> int:
         return 0 if self.llm is None else int(self.llm.output_processor.get_num_unfinished_requests())
 
