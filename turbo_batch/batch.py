@@ -396,7 +396,7 @@ class Driver:
         self.cond = asyncio.Condition()
         self.quarantine = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
-        self.last_flush = time.monotonic()
+        self.oldest: float | None = None  # when the oldest row still in the buffer arrived
         self.tag = (self.job.name or "job").replace(" ", "_")[:24]
 
     # -- schema of the output ------------------------------------------------------------------------
@@ -429,14 +429,17 @@ class Driver:
 
     # -- results -------------------------------------------------------------------------------------
     async def _accept(self, results: Sequence[dict[str, Any]]) -> None:
+        if results and self.oldest is None:
+            self.oldest = time.monotonic()
         for r in results:
             row = {**self.passthrough.pop(r["row_id"], {}), **r}
             self.stats.add(row)
             self.buffer.append(row)
         self.on_progress(len(results))
-        if (
-            len(self.buffer) >= self.job.output.part_rows
-            or time.monotonic() - self.last_flush > FLUSH_SECONDS
+        # a part is full, or a row has waited FLUSH_SECONDS (a slow job still commits often, so a crash
+        # loses little; the clock starts at the first buffered row, not at driver start)
+        if len(self.buffer) >= self.job.output.part_rows or (
+            self.oldest is not None and time.monotonic() - self.oldest > FLUSH_SECONDS
         ):
             await self.flush()
 
@@ -448,7 +451,7 @@ class Driver:
             )
             table = pa.Table.from_pylist(rows, schema=self.schema)
             await asyncio.to_thread(self.out.commit, table)
-        self.last_flush = time.monotonic()
+        self.oldest = None
 
     # -- dispatch ------------------------------------------------------------------------------------
     def _eligible(self, work: _Work) -> list[Slot]:
