@@ -1,0 +1,39 @@
+"""The batch benchmark's preparation stays runnable: a dry run builds the rows, job file and token ids.
+
+The benchmark itself (engines, timings) is not a test: its numbers live in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from turbo_batch.spec import JobSpec
+
+pytestmark = pytest.mark.demo
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_batch_dry_run_builds_a_valid_job(tmp_path):
+    from turbo_batch.cli import fetch_demo
+
+    fetch_demo()
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_batch.py"), "--preset", "cpu-smollm2",
+         "--rows", "40", "--dry-run", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "variants that would run: raw, turbo, ray_data_llm" in r.stdout
+    job = JobSpec.model_validate(yaml.safe_load((tmp_path / "w" / "job.yaml").read_text()))
+    assert job.task.type == "classify" and sorted(job.task.labels) == ["negative", "positive"]
+    rendered = pq.read_table(tmp_path / "w" / "rendered.parquet")
+    assert rendered.num_rows == 40
+    assert not (tmp_path / "r").exists() or not list(
+        (tmp_path / "r").glob("*.json")
+    )  # a dry run records nothing
