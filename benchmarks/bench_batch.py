@@ -517,7 +517,7 @@ def child_rdl(workdir: Path) -> None:
     eargs = dict(plan["engine_args"])
     model = eargs.pop("model")
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     kw: dict[str, Any] = {}
     if plan["rdl"]["placement"]:
         kw["placement_group_config"] = plan["rdl"]["placement"]

@@ -221,7 +221,7 @@ def main() -> None:
         )
 
     spec = serve_spec(**gate)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.monotonic()
     url = tbs.deploy(spec, key=KEY)
     start_s = time.monotonic() - t0

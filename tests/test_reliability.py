@@ -231,6 +231,42 @@ def test_engine_actor_killed_mid_job(tiny_pool, tiny_model, out_root):
     slot.info["_restarted"] = True
 
 
+def test_engine_node_lost_mid_job(tiny_model, tmp_path):
+    """A real two-node Ray cluster loses the engine's node mid-job; a replacement node joins; the engine
+    actor restarts there (a fresh vLLM engine), in-flight rows are redone, output exactly once."""
+    n = 600
+    pq.write_table(pa.table({"text": _texts(n)}), tmp_path / "in.parquet", row_group_size=100)
+    job = tmp_path / "job.yaml"
+    data = job_dict(
+        tiny_model,
+        tmp_path / "in.parquet",
+        "o",
+        task={"type": "generate", "max_tokens": 8},
+        output={"part_rows": 40},
+        cluster={"engines": 1},
+    )
+    job.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "TURBO_BATCH_OUTPUT_ROOT": str(tmp_path)}
+    env.pop("RAY_ADDRESS", None)
+    script = Path(__file__).with_name("node_loss_run.py")
+    r = subprocess.run(
+        [sys.executable, str(script), str(job)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "error" not in result, result
+    assert result["lost_while_running"], "job finished before the node was lost: make it longer"
+    assert result["engine_nodes_after"] and result["lost_node"] not in result["engine_nodes_after"]
+    assert result["summary"]["rows_error"] == 0
+    assert r.stderr.count("engine-0 lost (") == 1 and "engine-0 is back" in r.stderr
+    assert_exactly_once(tmp_path / "o", n)
+
+
 async def _pid(pool) -> int:
     return (await pool.actors[0].info.remote())["pid"]
 

@@ -336,11 +336,12 @@ def _actor_call(actor: Any) -> Callable[..., Any]:
 
 
 def _actor_ping(actor: Any) -> Callable[[], Any]:
-    async def ping():
+    async def ping():  # only after a loss: the actor Ray restarted is a fresh engine
         info = await actor.info.remote()
         if info.get("error"):
             raise EngineStartError(f"a restarted engine failed to start: {info['error']}")
-        return info
+        await actor.warmup.remote()
+        return await actor.info.remote()
 
     return ping
 
@@ -506,8 +507,13 @@ class Driver:
         except Exception as e:
             if not _is_engine_loss(e):
                 raise
-            log.warning("%s lost with %d rows in flight (%s)", slot.name, len(work.rows), type(e).__name__)
-            if not slot.down:
+            if not slot.down:  # one line per loss, not one per call that was in flight
+                log.warning(
+                    "%s lost (%s): its %d rows in flight will be redone once it is back",
+                    slot.name,
+                    type(e).__name__,
+                    slot.inflight,
+                )
                 slot.down = True
                 t = asyncio.create_task(self._revive(slot))
                 self.tasks.add(t)
@@ -652,7 +658,7 @@ def init_ray(job: JobSpec) -> bool:
         "log_to_driver": bool(os.environ.get("TURBO_BATCH_VERBOSE")),
     }
     if job.cluster.address == "local" and job.cluster.engine_source != "serve":
-        ray.init(num_cpus=job.cluster.num_cpus, include_dashboard=False, **kw)
+        ray.init(address="local", num_cpus=job.cluster.num_cpus, include_dashboard=False, **kw)
     else:  # engine_source=serve joins the running cluster of `turbo-batch serve` ("local": this machine's)
         address = "auto" if job.cluster.address == "local" else job.cluster.address
         if "RAY_AUTH_MODE" not in os.environ:  # Ray 2.60 sends ~/.ray/auth_token to an explicit address

@@ -287,7 +287,7 @@ def start_ray(spec: ServeSpec) -> bool:
         "log_to_driver": bool(os.environ.get("TURBO_BATCH_VERBOSE")),
     }
     if spec.cluster.address == "local":
-        ray.init(num_cpus=spec.cluster.num_cpus, include_dashboard=False, **kw)
+        ray.init(address="local", num_cpus=spec.cluster.num_cpus, include_dashboard=False, **kw)
     else:
         if "RAY_AUTH_MODE" not in os.environ:  # Ray 2.60 sends ~/.ray/auth_token to an explicit address
             from ray._private.authentication import authentication_token_setup as auth  # only if told so

@@ -39,12 +39,15 @@ class EngineReplica:
     here, cheaply, and fill the engine when online traffic pauses.
     """
 
-    def __init__(self, model: dict[str, Any], max_labels: int = 0, max_online: int = 256):
+    async def __init__(self, model: dict[str, Any], max_labels: int = 0, max_online: int = 256):
+        # async: Serve awaits it, so the warm-up runs before the replica is marked ready
         from turbo_batch.engine import Engine
 
         engine = Engine(model, max_labels=max_labels, exit_on_dead=True)
         if engine.error:  # Serve retries the constructor, then marks the app DEPLOY_FAILED
             raise EngineStartError(engine.error)
+        # one-time costs (the first logprobs request pays ~2 s on CPU) are paid here, not by a user
+        await engine.warmup()
         self._setup(engine, max_online)
 
     @classmethod
