@@ -23,7 +23,7 @@ case "${1:-}" in
     ;;
   serve)  # online latency idle vs with a --via-serve batch job, gate values of jobs/serve_turbo.yaml
     export TURBO_BATCH_CACHE=$PWD/benchmarks/_gpu_cache   # the Rotten Tomatoes parquet, carried
-    timeout 560 python benchmarks/serve_priority.py --model gpu-random --preset auto --num-cpus 8 \
+    timeout 480 python benchmarks/serve_priority.py --model gpu-random --preset auto --num-cpus 8 \
       --batch-rows 2500 --idle-requests 60 --arrival-s 0.05 --engine '{"max_model_len": 2048}' \
       --gate '{"batch_rows_while_online": 8, "batch_rows_max": 64}' \
       --out "$OUT/serve_priority_gpu.md" --json "$OUT/serve_priority_gpu.json" > "$OUT/serve.log" 2>&1
