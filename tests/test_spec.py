@@ -163,6 +163,17 @@ def test_run_cli_rejects_bad_job_before_ray(tmp_path):
     )
     r = _cli("run", str(bad), cwd=tmp_path)
     assert r.returncode == 2 and "task.max_tokens:" in r.stderr
+    assert f"invalid job file {bad}:" in r.stderr
+    assert "Ray" not in r.stderr
+
+
+def test_serve_cli_rejects_bad_serve_file_before_ray(tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("name: x\nbogus: 1\n")
+    r = _cli("serve", str(bad), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"invalid serve file {bad}:" in r.stderr
+    assert "model: required field is missing" in r.stderr and "bogus: unknown field" in r.stderr
     assert "Ray" not in r.stderr
 
 

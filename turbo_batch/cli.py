@@ -15,7 +15,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from turbo_batch.errors import JobError, SpecError
+from turbo_batch.errors import JobError, SpecError, print_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Ray Data + vLLM batch inference.")
 console = Console(stderr=True)
@@ -23,12 +23,7 @@ REPO_JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
 def _fail(e: JobError) -> None:
-    if isinstance(e, SpecError):
-        print(f"invalid job file {e.source}:", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-    else:
-        print(f"error: {e}", file=sys.stderr)
+    print_error(e, "job file")
     raise typer.Exit(e.exit_code)
 
 

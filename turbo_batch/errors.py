@@ -53,3 +53,15 @@ class EngineStartError(JobError):
     """A vLLM engine could not start (missing model, not enough memory, unsupported GPU)."""
 
     exit_code = 4
+
+
+def print_error(e: JobError, kind: str = "job file") -> None:
+    """The CLI's report of a JobError on stderr: every problem of an invalid file, else one line."""
+    import sys
+
+    if isinstance(e, SpecError):
+        print(f"invalid {kind} {e.source}:", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+    else:
+        print(f"error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import Field, model_validator
 
-from turbo_batch.errors import EngineStartError, JobError, SpecError
+from turbo_batch.errors import EngineStartError, JobError, SpecError, print_error
 from turbo_batch.spec import ClassifyTask, ModelSpec, PromptSpec, _read_yaml, _Strict, parse
 
 log = logging.getLogger("turbo_batch.serve")
@@ -354,7 +354,7 @@ def serve_command(
     except KeyboardInterrupt:
         print("shutting down ...", file=sys.stderr)
     except JobError as e:
-        _print_error(e)
+        print_error(e, "serve file")
         raise typer.Exit(e.exit_code) from None
     finally:
         if started:  # a local cluster: stop Serve with it; a joined one: remove only this app
@@ -366,14 +366,3 @@ def serve_command(
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-
-def _print_error(e: JobError) -> None:
-    import sys
-
-    if isinstance(e, SpecError):
-        print(f"invalid serve file {e.source}:", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-    else:
-        print(f"error: {e}", file=sys.stderr)
