@@ -22,7 +22,7 @@ Headline: turbo rows/s / raw rows/s (target >= 0.97). Writes benchmarks/results/
 
 Presets:
   cpu-smollm2   SmolLM2-135M-Instruct + Rotten Tomatoes (the demo: jobs/demo_cpu.yaml), `cpu` preset.
-  cpu-tiny      the same rows with the tiny random Gemma 4 (turbo_batch.tiny): a fast engine, so the
+  cpu-tiny      the same rows with the tiny random Gemma 4 (turbo_batch.testing.tiny): a fast engine, so the
                 pipeline's own per-row costs show (not in the issue; for the reading of the GPU numbers).
   gpu-gemma4    random-weight Gemma4ForCausalLM ~1.2B (hidden 2560, 12 layers, vocab 32768) built on the
                 GPU, tokenizer from benchmarks/tok, ~1K-token prompts of random words, 4 labels, batch-like
@@ -122,7 +122,7 @@ def read_rendered(path: Path) -> list[dict[str, Any]]:
 
 def label_of(labels: list[str], label_ids: list[int], step: Any) -> tuple[str, list[float]]:
     """turbo-batch's own rule: argmax of the softmax over the labels' first-token logprobs (+ the probs)."""
-    from turbo_batch.tasks import label_probabilities
+    from turbo_batch.engine.tasks import label_probabilities
 
     probs = label_probabilities(labels, label_ids, step or {})
     return max(probs, key=probs.__getitem__), [probs[lab] for lab in labels]
@@ -297,7 +297,7 @@ def prepare(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> di
     import pyarrow.parquet as pq
     import yaml
 
-    from turbo_batch import profiles
+    from turbo_batch.engine import profiles
     from turbo_batch.prompt import PromptBuilder, PromptConfig, load_tokenizer
     from turbo_batch.spec import JobSpec
 
@@ -307,10 +307,10 @@ def prepare(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> di
     workdir.mkdir(parents=True, exist_ok=True)
     gold = None
     if args.preset in ("cpu-smollm2", "cpu-tiny"):
-        from turbo_batch import assets
+        from turbo_batch.testing import assets
 
         if args.preset == "cpu-tiny":
-            from turbo_batch.tiny import write_tiny_gemma4
+            from turbo_batch.testing.tiny import write_tiny_gemma4
 
             model = write_tiny_gemma4(workdir / "tiny-gemma4")
         else:
@@ -631,7 +631,7 @@ def _write_labels(workdir: Path, variant: str, ids: list, labels: list, ntok: li
 
 def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     """`turbo-batch run` on the job file, as a user runs it; numbers from its _summary.json."""
-    from turbo_batch.output import MANIFEST, SUMMARY, read_output
+    from turbo_batch.batch.write import MANIFEST, SUMMARY, read_output
 
     out_dir = Path(plan["output_dir"])
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -887,7 +887,7 @@ def markdown(d: dict[str, Any]) -> str:
         f"- Labels {p['labels']}; first tokens {p['label_first_token_ids']} "
         f"({', '.join(repr(x) for x in p['label_first_tokens'])}); sampling: max_tokens=1, temperature=0, "
         f"logprobs={len(p['labels'])}, allowed_token_ids=label first tokens, detokenize=False; label = argmax.",
-        "- Engine args (`turbo_batch.profiles.engine_args` for the job's model section on this device, "
+        "- Engine args (`turbo_batch.engine.profiles.engine_args` for the job's model section on this device, "
         f"profile `{p['device_profile']['profile']}`): `{json.dumps({k: v for k, v in ea.items() if k != 'model'}, sort_keys=True)}`.",
         f"- turbo-batch job: `{json.dumps({k: p['job'][k] for k in ('output', 'cluster')})}` (cluster defaults: "
         "one engine, batch_rows 32, rows_in_flight 2 × max_num_seqs).",
@@ -981,11 +981,11 @@ def main() -> None:
         f"{plan['label_first_token_ids']}; rendered in {plan['render_once_s']} s"
     )
     if args.dry_run:
-        from turbo_batch import batch
+        from turbo_batch.batch.plan import preflight
         from turbo_batch.spec import load_job
 
         os.environ["TURBO_BATCH_OUTPUT_ROOT"] = str(workdir)
-        pl = batch.preflight(load_job(plan["job_file"]))
+        pl = preflight(load_job(plan["job_file"]))
         print(
             f"dry run ok: job {plan['job_file']} ({pl.total_rows} rows), rendered {workdir / 'rendered.parquet'}"
         )
@@ -1043,7 +1043,7 @@ def main() -> None:
         "errors": errors,
         "note": args.note,
     }
-    from turbo_batch.engine import Engine
+    from turbo_batch.engine.engine import Engine
 
     data["turbo_engine_warms_up"] = hasattr(Engine, "warmup")  # pays the first-logprobs cost at start
     if "raw" in results and "turbo" in results:

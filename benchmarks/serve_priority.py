@@ -97,7 +97,7 @@ class Online:
 
 
 def run_batch(job_dict: dict, out: dict) -> None:
-    from turbo_batch.batch import run_job
+    from turbo_batch.batch.run import run_job
     from turbo_batch.spec import JobSpec
 
     t0 = time.monotonic()
@@ -170,8 +170,9 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
 
-    from turbo_batch import assets
-    from turbo_batch import serve as tbs
+    from turbo_batch.serve import app as tbs
+    from turbo_batch.serve import spec as tbspec
+    from turbo_batch.testing import assets
 
     work = Path(tempfile.mkdtemp(prefix="tb-serve-bench-"))
     os.environ["TURBO_BATCH_OUTPUT_ROOT"] = str(work)
@@ -186,7 +187,7 @@ def main() -> None:
         model = str(work / "gemma4-1.2b-random")
         build_gemma4(Path(model), REPO / "benchmarks" / "tok", weights=True)
     elif args.model == "tiny":
-        from turbo_batch.tiny import write_tiny_gemma4
+        from turbo_batch.testing.tiny import write_tiny_gemma4
 
         model = str(write_tiny_gemma4(work / "tiny-gemma4"))
     elif args.model == "smollm2":
@@ -207,7 +208,7 @@ def main() -> None:
     online_texts = {tag: pool[i * share : (i + 1) * share] for i, tag in enumerate(("idle", "end", *tags))}
 
     os.environ["BENCH_KEY"] = KEY
-    defaults = tbs.LimitsSpec()
+    defaults = tbspec.LimitsSpec()
     gate = {
         "batch_rows_while_online": defaults.batch_rows_while_online,
         "batch_rows_max": defaults.batch_rows_max,
@@ -215,13 +216,13 @@ def main() -> None:
         **json.loads(args.gate),
     }
 
-    def serve_spec(**limits) -> tbs.ServeSpec:
+    def serve_spec(**limits) -> tbspec.ServeSpec:
         sentiment = {
             "labels": ["positive", "negative"],
             "prompt": {"system": SYSTEM, "template": "{{ text }}"},
         }
-        return tbs.parse(
-            tbs.ServeSpec,
+        return tbspec.parse(
+            tbspec.ServeSpec,
             {
                 "name": APP,
                 "model": {"path": model, "preset": args.preset, "engine": engine},
@@ -242,7 +243,7 @@ def main() -> None:
     start_s = time.monotonic() - t0
     from ray import serve
 
-    handle = serve.get_deployment_handle(tbs.ENGINE_DEPLOYMENT, app_name=APP)
+    handle = serve.get_deployment_handle(tbspec.ENGINE_DEPLOYMENT, app_name=APP)
 
     def engine_info() -> dict:
         return handle.info.remote().result(timeout_s=60)

@@ -19,7 +19,7 @@ TEST_CLUSTER = {"engine_cpus": 0.5, "render_cpus": 0.25, "batch_rows": 16}
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from turbo_batch.tiny import write_tiny_gemma4
+    from turbo_batch.testing.tiny import write_tiny_gemma4
 
     return write_tiny_gemma4(tmp_path_factory.mktemp("tiny") / "tiny-gemma4")
 
@@ -53,7 +53,7 @@ def job_dict(model: Path, inp: Path | str, out: Path | str, task: dict | None = 
 @pytest.fixture(scope="session")
 def tiny_pool(ray_session, tiny_model):
     """A started pool of one real vLLM engine actor on the tiny model, shared by the batch tests."""
-    from turbo_batch.batch import EnginePool
+    from turbo_batch.batch.pool import EnginePool
     from turbo_batch.spec import JobSpec
 
     job = JobSpec.model_validate(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from turbo_batch.profiles import Device, match_profile
+from turbo_batch.engine.profiles import Device, match_profile
 
 CLUSTERS = sorted((Path(__file__).resolve().parent.parent / "clusters").glob("*.yaml"))
 

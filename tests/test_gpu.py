@@ -28,10 +28,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs
 
 
 def test_classify_job_on_gpu(tmp_path, monkeypatch):
-    from turbo_batch.batch import run_job
-    from turbo_batch.output import read_output
+    from turbo_batch.batch.run import run_job
+    from turbo_batch.batch.write import read_output
     from turbo_batch.spec import JobSpec
-    from turbo_batch.tiny import write_tiny_gemma4
+    from turbo_batch.testing.tiny import write_tiny_gemma4
 
     monkeypatch.setenv("TURBO_BATCH_OUTPUT_ROOT", str(tmp_path))
     model = write_tiny_gemma4(tmp_path / "tiny", hidden_size=256, head_dim=64)

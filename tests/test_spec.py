@@ -147,8 +147,8 @@ def test_validate_cli_exit_codes_and_no_ray_or_vllm(tmp_path):
     assert _cli("validate", str(good), cwd=tmp_path).returncode == 0
     # Validation must not import Ray or vLLM (it runs before either starts).
     code = (
-        "import sys, json; from turbo_batch.cli import load_job_with_sets; from pathlib import Path; "
-        f"load_job_with_sets(Path({str(good)!r}), []); "
+        "import sys, json; import turbo_batch.cli; from turbo_batch.spec import load_job; from pathlib import Path; "
+        f"load_job(Path({str(good)!r}), []); "
         "print(json.dumps([m for m in ('ray', 'vllm', 'torch') if m in sys.modules]))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -17,13 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from turbo_batch.errors import SpecError
+from turbo_batch.paths import cache_dir, expand
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
-class InputSpec(_Strict):
+class InputSpec(Strict):
     path: str | list[str] = Field(
         description="parquet/JSONL files, directories or globs, or a save_to_disk dir"
     )
@@ -38,7 +40,7 @@ class InputSpec(_Strict):
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
 
-class ClassifyTask(_Strict):
+class ClassifyTask(Strict):
     type: Literal["classify"]
     labels: list[str] = Field(min_length=2)
     label_descriptions: dict[str, str] = Field(default_factory=dict)
@@ -69,13 +71,13 @@ class ClassifyTask(_Strict):
         return self
 
 
-class GenerateTask(_Strict):
+class GenerateTask(Strict):
     type: Literal["generate"]
     max_tokens: int = Field(default=128, ge=1)
     stop: list[str] = Field(default_factory=list)
 
 
-class ExtractTask(_Strict):
+class ExtractTask(Strict):
     type: Literal["extract"]
     json_schema: dict[str, Any] = Field(alias="schema")
     max_tokens: int = Field(default=512, ge=1)
@@ -95,7 +97,7 @@ class ExtractTask(_Strict):
 TaskSpec = Annotated[Union[ClassifyTask, GenerateTask, ExtractTask], Field(discriminator="type")]  # noqa: UP007
 
 
-class PromptSpec(_Strict):
+class PromptSpec(Strict):
     template: str | None = Field(
         default=None, description="Jinja over row columns; default: the first text column"
     )
@@ -112,10 +114,7 @@ class PromptSpec(_Strict):
         return source
 
 
-PRESETS = ("auto", "cpu", "turbo", "classification", "generation", "latency", "batch")
-
-
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     path: str = Field(description="local checkpoint dir or hub id")
     preset: Literal["auto", "cpu", "turbo", "classification", "generation", "latency", "batch"] = "auto"
     engine: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments, applied last")
@@ -123,7 +122,7 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
 
 
-class SamplingSpec(_Strict):
+class SamplingSpec(Strict):
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=1)
@@ -131,13 +130,13 @@ class SamplingSpec(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict, description="more vLLM SamplingParams fields")
 
 
-class OutputSpec(_Strict):
+class OutputSpec(Strict):
     dir: str
     keep_columns: list[str] = Field(default_factory=list)
     part_rows: int = Field(default=1000, ge=1, description="rows per committed parquet part")
 
 
-class ClusterSpec(_Strict):
+class ClusterSpec(Strict):
     address: str = Field(default="local", description="local, auto, or a Ray address (host:port, ray://...)")
     engines: int | Literal["auto"] = Field(
         default="auto", description="auto = one per GPU (one on a CPU box)"
@@ -152,6 +151,10 @@ class ClusterSpec(_Strict):
     )
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (default: all)")
     engine_cpus: float = Field(default=1.0, ge=0.0)
+    engine_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each engine actor needs (places engines on labelled nodes)",
+    )
     render_cpus: float = Field(default=0.5, gt=0.0)
     batch_rows: int = Field(default=32, ge=1, description="rows per call to an engine")
     rows_in_flight: int | None = Field(default=None, ge=1, description="per engine; default 2 x max_num_seqs")
@@ -161,7 +164,7 @@ class ClusterSpec(_Strict):
     )
 
 
-class JobSpec(_Strict):
+class JobSpec(Strict):
     name: str | None = None
     input: InputSpec
     task: TaskSpec
@@ -263,7 +266,7 @@ def format_errors(err: ValidationError, data: Any, root: type[BaseModel]) -> lis
     return [f"{path}: {' or '.join(msgs)}" for path, msgs in merged.items()]
 
 
-def _read_yaml(path: str | Path) -> Any:
+def read_yaml(path: str | Path) -> Any:
     p = Path(path)
     if not p.is_file():
         raise SpecError(str(path), ["(file): not found"])
@@ -284,14 +287,6 @@ def parse(model: type[BaseModel], data: Any, source: str = "<dict>") -> Any:
         raise SpecError(source, format_errors(e, data, model)) from None
 
 
-def _expand(value: Any) -> Any:
-    if isinstance(value, str):
-        return os.path.expanduser(os.path.expandvars(value))
-    if isinstance(value, list):
-        return [_expand(v) for v in value]
-    return value
-
-
 def expand_paths(data: Any) -> Any:
     """Expand ~ and ${VAR} in the path fields of a raw job mapping (in place; returns it)."""
     if not isinstance(data, dict):
@@ -299,17 +294,35 @@ def expand_paths(data: Any) -> Any:
     for section, key in (("input", "path"), ("model", "path"), ("model", "tokenizer"), ("output", "dir")):
         node = data.get(section)
         if isinstance(node, dict) and key in node:
-            node[key] = _expand(node[key])
+            node[key] = expand(node[key])
     return data
 
 
-def load_job(path: str | Path) -> JobSpec:
-    """Load and validate a job file; raises SpecError listing every problem with its field path."""
-    return parse(JobSpec, expand_paths(_read_yaml(path)), str(path))
+def load_job(path: str | Path, sets: Sequence[str] = ()) -> JobSpec:
+    """Load and validate a job file, with `--set key.path=value` overrides (YAML values) applied;
+    raises SpecError listing every problem with its field path (output paths outside the root too)."""
+    os.environ.setdefault("TURBO_BATCH_CACHE", str(cache_dir()))  # jobs may name ${TURBO_BATCH_CACHE}
+    data = expand_paths(apply_sets(read_yaml(path), sets))
+    job = parse(JobSpec, data, str(path))
+    resolve_output_dir(job)  # refuses output paths that escape the output root
+    return job
 
 
-def load_yaml_model(model: type[BaseModel], path: str | Path) -> Any:
-    return parse(model, _read_yaml(path), str(path))
+def apply_sets(data: Any, sets: Sequence[str]) -> Any:
+    """Apply `key.path=value` overrides (the value parsed as YAML) to a raw job mapping."""
+    for item in sets:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise SpecError("--set", [f"{item}: expected key.path=value"])
+        node = data if isinstance(data, dict) else {}
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise SpecError("--set", [f"{item}: {p} is not a section"])
+            node = nxt
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
 
 
 def output_root() -> Path:

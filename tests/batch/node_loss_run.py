@@ -20,8 +20,8 @@ import ray
 import yaml
 from ray.cluster_utils import Cluster
 
-from turbo_batch import batch
-from turbo_batch.output import MANIFEST
+from turbo_batch.batch.run import run_job
+from turbo_batch.batch.write import MANIFEST
 from turbo_batch.spec import JobSpec, resolve_output_dir
 
 NODE = {"num_cpus": 1, "resources": {"engine_node": 1}}
@@ -33,21 +33,15 @@ def main(job_path: str) -> None:
     worker = cluster.add_node(**NODE)
     ray.init(address=cluster.address, log_to_driver=False)
 
-    place = batch.engine_actor_options
-
-    def pinned(job, index, use_gpu):  # the engine goes to the node that will be lost
-        return {
-            **place(job, index, use_gpu),
-            "resources": {"engine_node": 1},
-            "scheduling_strategy": "DEFAULT",
-        }
-
-    batch.engine_actor_options = pinned
+    # the engine goes to the node that will be lost (cluster.engine_resources, as a cluster file would)
+    job = job.model_copy(
+        update={"cluster": job.cluster.model_copy(update={"engine_resources": {"engine_node": 1}})}
+    )
     result: dict = {}
 
     def run():
         try:
-            result["summary"] = batch.run_job(job)
+            result["summary"] = run_job(job)
         except BaseException as e:  # reported, not swallowed
             result["error"] = repr(e)
 

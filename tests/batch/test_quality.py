@@ -13,16 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from turbo_batch.batch import run_job
-from turbo_batch.cli import REPO_JOBS, load_job_with_sets
+from turbo_batch.batch.run import run_job
+from turbo_batch.cli import demo_job_path
+from turbo_batch.spec import load_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.demo]
 
 
 @pytest.fixture(scope="module")
 def demo_assets():
-    from turbo_batch import assets
     from turbo_batch.cli import fetch_demo
+    from turbo_batch.testing import assets
 
     fetch_demo()
     return assets.cache_dir()
@@ -30,9 +31,7 @@ def demo_assets():
 
 def test_demo_job_beats_majority_class(ray_session, demo_assets, out_root, capsys):
     os.environ["TURBO_BATCH_CACHE"] = str(demo_assets)
-    job = load_job_with_sets(
-        REPO_JOBS / "demo_cpu.yaml", ["input.limit=300", "output.dir=demo", "cluster.engine_cpus=0.5"]
-    )
+    job = load_job(demo_job_path(), ["input.limit=300", "output.dir=demo", "cluster.engine_cpus=0.5"])
     summary = run_job(job)
     ev = summary["evaluation"]
     with capsys.disabled():

@@ -25,8 +25,9 @@ import pytest
 import yaml
 
 from tests.conftest import job_dict
-from turbo_batch.batch import Slot, run_job
-from turbo_batch.output import MANIFEST, SUCCESS
+from turbo_batch.batch.pool import Slot
+from turbo_batch.batch.run import run_job
+from turbo_batch.batch.write import MANIFEST, SUCCESS
 from turbo_batch.spec import JobSpec
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from turbo_batch import assets
-from turbo_batch.assets import rotten_tomatoes, sample_rotten_tomatoes, smollm2_dir
+from turbo_batch.testing import assets
+from turbo_batch.testing.assets import rotten_tomatoes, sample_rotten_tomatoes, smollm2_dir
 
 demo = pytest.mark.demo
 

@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pytest
 
+from turbo_batch.batch.write import MANIFEST, SUCCESS, OutputDir, decode_ids, encode_ids, read_output
 from turbo_batch.errors import OutputError
-from turbo_batch.output import MANIFEST, SUCCESS, OutputDir, decode_ids, encode_ids, read_output
 
 
 def _t(ids):
@@ -67,7 +67,7 @@ def test_temp_files_never_visible_and_cleared(tmp_path):
 
 @pytest.mark.parametrize(("fault", "why"), [("enospc:2", "the disk is full"), ("erofs:1", "read-only")])
 def test_disk_errors_are_clear_and_leave_nothing_partial(tmp_path, monkeypatch, fault, why):
-    monkeypatch.setattr("turbo_batch.output._fault_hits", __import__("collections").Counter())
+    monkeypatch.setattr("turbo_batch.batch.write._fault_hits", __import__("collections").Counter())
     monkeypatch.setenv("TURBO_BATCH_FAULT", fault)
     out = OutputDir(tmp_path, "fp", {}).open()
     if fault.startswith("enospc"):

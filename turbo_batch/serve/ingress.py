@@ -25,8 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, load_tokenizer
-from turbo_batch.serve_engine import ONLINE_PRIORITY
-from turbo_batch.serve_http import (
+from turbo_batch.serve.http import (
     ApiError,
     ChatRequest,
     ClassifyRequest,
@@ -39,6 +38,7 @@ from turbo_batch.serve_http import (
     read_json,
     validated,
 )
+from turbo_batch.serve.replica import ONLINE_PRIORITY
 
 log = logging.getLogger("turbo_batch.serve")
 

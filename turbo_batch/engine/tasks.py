@@ -16,9 +16,6 @@ from typing import Any
 
 from turbo_batch.errors import RowError
 
-# Output columns every task writes (nulls where they do not apply).
-RESULT_FIELDS = ("label", "probs", "text", "json", "finish_reason")
-
 
 class TaskRunner:
     """Builds SamplingParams for a row and parses the engine's RequestOutput into result fields."""

@@ -20,9 +20,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from turbo_batch.engine.profiles import describe, detect_device, engine_args, model_context_len
+from turbo_batch.engine.tasks import TaskRunner
 from turbo_batch.errors import RowError
-from turbo_batch.profiles import describe, detect_device, engine_args, model_context_len
-from turbo_batch.tasks import TaskRunner
+from turbo_batch.paths import is_local_path
 
 log = logging.getLogger("turbo_batch.engine")
 
@@ -30,10 +31,6 @@ log = logging.getLogger("turbo_batch.engine")
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
 
 
 class Engine:
@@ -52,7 +49,7 @@ class Engine:
         self.device = detect_device()
         try:
             path = self.model["path"]
-            if _looks_local(path) and not Path(path).expanduser().is_dir():
+            if is_local_path(path) and not Path(path).expanduser().is_dir():
                 raise FileNotFoundError(f"model path {path} does not exist")
             self.args = engine_args(
                 self.model, self.device, max_labels=max_labels, model_max_len=model_context_len(path)

@@ -41,7 +41,7 @@ class EngineReplica:
 
     async def __init__(self, model: dict[str, Any], max_labels: int = 0, max_online: int = 256):
         # async: Serve awaits it, so the warm-up runs before the replica is marked ready
-        from turbo_batch.engine import Engine
+        from turbo_batch.engine.engine import Engine
 
         engine = Engine(model, max_labels=max_labels, exit_on_dead=True)
         if engine.error:  # Serve retries the constructor, then marks the app DEPLOY_FAILED

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from turbo_batch.tiny import END_OF_TURN_ID, LABEL_WORDS, SPECIAL_TOKENS, write_tiny_gemma4
+from turbo_batch.testing.tiny import END_OF_TURN_ID, LABEL_WORDS, SPECIAL_TOKENS, write_tiny_gemma4
 
 FILES = (
     "config.json",
@@ -49,7 +49,7 @@ def test_same_seed_is_byte_identical_even_in_another_process(tiny_dir: Path, tmp
     again = write_tiny_gemma4(tmp_path / "again")
     assert _hashes(again) == _hashes(tiny_dir)
     # A fresh interpreter (different hash seeds in Python and in the tokenizers Rust code) too.
-    code = f"from turbo_batch.tiny import write_tiny_gemma4; write_tiny_gemma4({str(tmp_path / 'sub')!r})"
+    code = f"from turbo_batch.testing.tiny import write_tiny_gemma4; write_tiny_gemma4({str(tmp_path / 'sub')!r})"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONHASHSEED": "123"})
     assert _hashes(tmp_path / "sub") == _hashes(tiny_dir)
 

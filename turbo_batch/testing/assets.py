@@ -38,10 +38,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from turbo_batch.paths import cache_dir
+
 __all__ = [
     "ROTTEN_TOMATOES",
     "SMOLLM2",
     "cache_dir",
+    "demo_reviews",
     "rotten_tomatoes",
     "sample_rotten_tomatoes",
     "smollm2_dir",
@@ -85,12 +88,6 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """The cache root: `$TURBO_BATCH_CACHE`, else `~/.cache/turbo-batch`."""
-    env = os.environ.get("TURBO_BATCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "turbo-batch"
 
 
 def _sha256(path: Path) -> str:
@@ -364,3 +361,17 @@ def sample_rotten_tomatoes(
         pq.write_table(sample, tmp)
         os.replace(tmp, path)
     return sample
+
+
+def demo_reviews(cache: Path | None = None, *, progress: Progress = print) -> Path:
+    """The demo's input: every Rotten Tomatoes row in a seeded, label-stratified shuffle (the demo's
+    `--rows N` takes the first N rows, so any N has the corpus's label mix)."""
+    import pyarrow.parquet as pq
+
+    full = rotten_tomatoes(cache, progress=progress)
+    shuffled = full.with_name("rotten_tomatoes_shuffled.parquet")
+    if not shuffled.is_file():
+        sample_rotten_tomatoes(
+            pq.read_metadata(full).num_rows, seed=0, cache=cache, out=shuffled, progress=progress
+        )
+    return shuffled

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import job_dict
-from turbo_batch.batch import run_job
-from turbo_batch.output import SUCCESS, read_output
+from turbo_batch.batch.run import run_job
+from turbo_batch.batch.write import SUCCESS, read_output
 from turbo_batch.spec import JobSpec
 
 pytestmark = pytest.mark.slow
@@ -191,7 +191,7 @@ def test_duplicate_ids_fail_before_any_engine_work(tiny_pool, tiny_model, out_ro
 def test_engine_that_cannot_start_is_one_clear_line(ray_session, tmp_path):
     import asyncio
 
-    from turbo_batch.batch import EnginePool
+    from turbo_batch.batch.pool import EnginePool
     from turbo_batch.errors import EngineStartError
 
     bad = tmp_path / "broken-model"

@@ -55,12 +55,13 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(ray_session, tiny_model, monkeypatch_module):
-    from turbo_batch import serve as tbs
+    from turbo_batch.serve import app as tbs
+    from turbo_batch.serve import spec as tbspec
 
     key = "tb-" + secrets.token_hex(12)
     monkeypatch_module.setenv("TB_TEST_API_KEY", key)
-    spec = tbs.parse(
-        tbs.ServeSpec,
+    spec = tbspec.parse(
+        tbspec.ServeSpec,
         {
             "name": "tb-test",
             "model": {"path": str(tiny_model), "engine": dict(TINY_ENGINE)},
@@ -84,7 +85,7 @@ def served(ray_session, tiny_model, monkeypatch_module):
             },
         },
     )
-    url = tbs.deploy(spec, key=tbs.api_key(spec))
+    url = tbs.deploy(spec, key=tbspec.api_key(spec))
     yield Served(url, url.removesuffix("/v1"), key, spec)
     tbs.undeploy(spec, shutdown=True)
 
@@ -100,7 +101,7 @@ def monkeypatch_module():
 
 
 def test_serve_files_in_jobs_load(monkeypatch):
-    from turbo_batch.serve import load_serve
+    from turbo_batch.serve.spec import load_serve
 
     monkeypatch.setenv("TURBO_BATCH_CACHE", "/tmp/cache")
     files = sorted((REPO / "jobs").glob("*serve*.yaml"))
@@ -124,7 +125,7 @@ def test_serve_files_in_jobs_load(monkeypatch):
 
 
 def test_serve_file_errors_name_the_field(tmp_path):
-    from turbo_batch.serve import load_serve
+    from turbo_batch.serve.spec import load_serve
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(
@@ -140,7 +141,7 @@ def test_serve_file_errors_name_the_field(tmp_path):
 
 
 def test_api_key_env_must_be_set(tmp_path, monkeypatch):
-    from turbo_batch.serve import api_key, load_serve
+    from turbo_batch.serve.spec import api_key, load_serve
 
     f = tmp_path / "s.yaml"
     f.write_text("model: {path: /m}\nauth: {api_key_env: TB_NOT_SET_KEY}\n")
@@ -392,7 +393,7 @@ def _wait_idle(served, timeout_s: float = 10) -> dict:
 
 def test_online_first_gate_caps_batch_rows_while_online():
     """The engine replica lets at most batch_rows_while_online batch rows into vLLM during online traffic."""
-    from turbo_batch.serve_engine import EngineReplica
+    from turbo_batch.serve.replica import EngineReplica
 
     class FakeEngine:  # run_rows like Engine's: each row takes a while; records batch rows in flight
         def __init__(self):
@@ -454,8 +455,8 @@ def _write_input(path: Path, n: int) -> Path:
 
 @pytest.mark.slow
 def test_batch_via_serve_matches_own_engines(served, tiny_pool, tiny_model, out_root):
-    from turbo_batch.batch import run_job
-    from turbo_batch.output import read_output
+    from turbo_batch.batch.run import run_job
+    from turbo_batch.batch.write import read_output
     from turbo_batch.spec import JobSpec
 
     inp = _write_input(out_root / "in.jsonl", 48)
@@ -498,7 +499,7 @@ def test_batch_via_serve_matches_own_engines(served, tiny_pool, tiny_model, out_
 
 @pytest.mark.slow
 def test_batch_via_serve_without_app_is_one_clear_error(served, tiny_model, out_root):
-    from turbo_batch.serve_client import ServePool
+    from turbo_batch.batch.pool import ServePool
     from turbo_batch.spec import JobSpec
 
     job = JobSpec.model_validate(

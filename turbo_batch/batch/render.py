@@ -1,0 +1,89 @@
+"""Render: the Ray Data stage that turns input rows into token ids (CPU tasks, many in parallel).
+
+Owns: `render_block(block) -> block` — sandboxed Jinja + chat template + tokenizer (via prompt.py), the
+labels' first token ids and each row's output budget, or an error code per row; one tokenizer per
+worker process and job. Must not touch: engines, the output dir, the order of rows within a block.
+The rendered block's columns are the contract with the driver: row_id, the passthrough columns,
+prompt_ids, label_ids, budget, prompt_tokens, error_code, error_message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from turbo_batch.batch.read import INPUT_ERROR
+from turbo_batch.errors import RowError
+from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, load_tokenizer
+
+RENDERED_COLUMNS = ("prompt_ids", "label_ids", "budget", "prompt_tokens", "error_code", "error_message")
+
+_BUILDERS: dict[str, tuple[PromptBuilder, Any]] = {}
+
+
+def _builder(cfg: PromptConfig, tokenizer_path: str, trust_remote_code: bool) -> tuple[PromptBuilder, Any]:
+    """One builder per worker process and job (Ray reuses workers, so the tokenizer loads once)."""
+    from turbo_batch.engine.tasks import TaskRunner
+
+    key = json.dumps(
+        [dataclasses.asdict(cfg), tokenizer_path, trust_remote_code], sort_keys=True, default=str
+    )
+    if key not in _BUILDERS:
+        tok = load_tokenizer(tokenizer_path, trust_remote_code)
+        _BUILDERS[key] = (PromptBuilder(cfg, tok), TaskRunner(cfg.task, {}, tok))
+    return _BUILDERS[key]
+
+
+def render_block(
+    block: pa.Table,
+    *,
+    cfg: PromptConfig,
+    tokenizer_path: str,
+    trust_remote_code: bool,
+    passthrough: Sequence[str],
+) -> pa.Table:
+    """Ray Data stage: input rows → token ids (+ label first tokens) or an error code per row."""
+    builder, runner = _builder(cfg, tokenizer_path, trust_remote_code)
+    # Text columns go through bytes so invalid UTF-8 is caught per row, not for the whole block.
+    for col in cfg.text_columns:
+        if col in block.column_names and pa.types.is_string(block.schema.field(col).type):
+            idx = block.column_names.index(col)
+            block = block.set_column(idx, col, block.column(col).cast(pa.binary()))
+    prompt_ids, label_ids, budgets, ntok, codes, messages = [], [], [], [], [], []
+    for row in block.to_pylist():
+        ids: list[int] | None = None
+        labels: list[int] | None = None
+        code = message = None
+        if row.get(INPUT_ERROR):
+            code, _, message = row[INPUT_ERROR].partition(":")
+        else:
+            try:
+                ids, labels = builder.build(row)
+            except RowProblem as e:
+                code, message = str(e.code), e.message
+            except Exception as e:  # a tokenizer failure on odd input must not stop the job
+                code, message = str(RowError.INTERNAL_ERROR), f"render: {type(e).__name__}: {e}"
+        prompt_ids.append(ids)
+        label_ids.append(labels)
+        budgets.append(runner.output_budget(labels) if ids is not None else None)
+        ntok.append(len(ids) if ids is not None else None)
+        codes.append(code)
+        messages.append(message)
+    cols = {"row_id": block.column("row_id")}
+    for c in passthrough:
+        cols[c] = block.column(c)
+    cols.update(
+        {
+            "prompt_ids": pa.array(prompt_ids, pa.list_(pa.int32())),
+            "label_ids": pa.array(label_ids, pa.list_(pa.int32())),
+            "budget": pa.array(budgets, pa.int32()),
+            "prompt_tokens": pa.array(ntok, pa.int32()),
+            "error_code": pa.array(codes, pa.string()),
+            "error_message": pa.array(messages, pa.string()),
+        }
+    )
+    return pa.table(cols)

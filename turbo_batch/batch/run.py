@@ -1,0 +1,167 @@
+"""Run: a batch job end to end — read → render (Ray Data) → engines (driver) → write → summary.
+
+Owns: `run_job()` (what `turbo-batch run` calls), `run_plan()` (with a given output dir and, in tests,
+a shared engine pool), `build_dataset()` (the Ray Data pipeline of read and render stages) and
+`open_output()`. Must not touch: the stages' own logic (read.py, render.py, driver.py, write.py,
+report.py); this module only wires them and measures the wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from turbo_batch.batch import report
+from turbo_batch.batch.driver import Driver
+from turbo_batch.batch.plan import Plan, preflight
+from turbo_batch.batch.pool import EnginePool, Pool, ServePool
+from turbo_batch.batch.read import make_datasource
+from turbo_batch.batch.render import render_block
+from turbo_batch.batch.write import OutputDir
+from turbo_batch.errors import JobError
+from turbo_batch.prompt import PromptConfig
+from turbo_batch.runtime import connect_ray
+from turbo_batch.spec import JobSpec
+
+PREFETCH_BLOCKS = 8
+Progress = Callable[[int], None]
+
+
+def init_ray(job: JobSpec) -> bool:
+    """Connect to (or start) Ray for `job`; True if this call connected. A job with
+    engine_source=serve joins the running cluster of `turbo-batch serve` ("local": this machine's)."""
+    address = job.cluster.address
+    if address == "local" and job.cluster.engine_source == "serve":
+        address = "auto"
+    return connect_ray(address, num_cpus=job.cluster.num_cpus)
+
+
+def build_dataset(plan: Plan, committed: pa.Array | None):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    job = plan.job
+    ds = ray.data.read_datasource(
+        make_datasource(plan.units, plan.columns, job.input.id_column, committed),
+        num_cpus=job.cluster.render_cpus,
+    )
+    return ds.map_batches(
+        render_block,
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=job.cluster.render_cpus,
+        fn_kwargs={
+            "cfg": PromptConfig.from_job(job),
+            "tokenizer_path": job.model.tokenizer or job.model.path,
+            "trust_remote_code": job.model.trust_remote_code,
+            "passthrough": plan.passthrough,
+        },
+    )
+
+
+async def _produce(ds: Any, blocks: asyncio.Queue) -> None:
+    """Pull rendered blocks out of Ray Data (a blocking iterator) into a bounded queue."""
+    it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+    try:
+        while True:
+            block = await asyncio.to_thread(next, it, None)
+            await blocks.put(block)
+            if block is None:
+                return
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:  # surfaces in the consumer, which re-raises it
+        await blocks.put(e)
+
+
+async def run_plan(
+    plan: Plan, out: OutputDir, *, pool: Pool | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    job = plan.job
+    committed = out.committed_ids()
+    skipped = out.committed_rows
+    todo = max(plan.total_rows - skipped, 0)
+    own_pool = pool is None
+    # Ray Data starts reading and rendering while the engines start (minutes on a GPU): the first
+    # rendered blocks are waiting when the engines are ready.
+    blocks: asyncio.Queue = asyncio.Queue(maxsize=PREFETCH_BLOCKS)
+    producer = asyncio.create_task(_produce(build_dataset(plan, committed), blocks)) if todo else None
+    t_engine = time.monotonic()
+    try:
+        if pool is None:
+            if job.cluster.engine_source == "serve":
+                pool = await ServePool.connect(job)
+            else:
+                pool = await EnginePool.start(job)
+    except BaseException:
+        if producer is not None:
+            producer.cancel()
+        raise
+    engine_start_s = time.monotonic() - t_engine if own_pool else 0.0
+    priority = job.cluster.priority if job.cluster.engine_source == "serve" else 0
+    driver = Driver(job, plan, pool, out, priority=priority, on_progress=progress or (lambda n: None))
+    t0 = time.monotonic()
+    try:
+        if producer is not None:
+            await driver.consume(blocks)
+            await producer
+        wall = time.monotonic() - t0  # engines ready → last row committed (engine shutdown not counted)
+    finally:
+        if producer is not None and not producer.done():
+            producer.cancel()
+        if own_pool:
+            await pool.close()
+    summary = report.summary(
+        driver.stats,
+        wall_s=wall,
+        engine_start_s=engine_start_s,
+        skipped=skipped,
+        engines=[{**s.info, "name": s.name, "rows": s.done} for s in pool.slots],
+        job_name=job.name,
+        output_dir=str(plan.output_dir),
+    )
+    summary["fingerprint"] = plan.fingerprint
+    summary["adopted_parts"] = out.adopted
+    if out.committed_rows != plan.total_rows:
+        out.write_summary(summary)
+        raise JobError(f"only {out.committed_rows} of {plan.total_rows} rows are committed; rerun to resume")
+    out.finish(summary)
+    return summary
+
+
+def open_output(plan: Plan, *, restart: bool = False, force: bool = False) -> OutputDir:
+    return OutputDir(plan.output_dir, plan.fingerprint, plan.job.model_dump(mode="json", by_alias=True)).open(
+        restart=restart, force=force
+    )
+
+
+def run_job(
+    job: JobSpec,
+    *,
+    restart: bool = False,
+    force: bool = False,
+    pool: Pool | None = None,
+    progress: Progress | None = None,
+    on_open: Callable[[Plan, OutputDir], None] | None = None,
+) -> dict[str, Any]:
+    """Run a job end to end (the `turbo-batch run` command without the printing)."""
+    plan = preflight(job)
+    out = open_output(plan, restart=restart, force=force)
+    if on_open is not None:  # the CLI says what is resumed before Ray starts
+        on_open(plan, out)
+    started = init_ray(job)
+    try:
+        return asyncio.run(run_plan(plan, out, pool=pool, progress=progress))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
