@@ -35,9 +35,12 @@ def test_there_are_job_files():
 
 
 def test_turbo_job_has_the_cards_flags():
+    # the card's flags are the turbo preset's defaults (issue 12); the job leaves sized keys to each GPU
+    from turbo_batch.engine.profiles import PRESETS
+
     job = load_job(ROOT / "jobs" / "turbo_classify.yaml")
-    e = job.model.engine
-    assert job.model.path == "LilaRest/gemma-4-31B-it-NVFP4-turbo"
+    e = PRESETS[job.model.preset]
+    assert job.model.path == "LilaRest/gemma-4-31B-it-NVFP4-turbo" and job.model.preset == "turbo"
     assert (
         e["quantization"] == "modelopt"
         and e["kv_cache_dtype"] == "fp8"
@@ -45,6 +48,7 @@ def test_turbo_job_has_the_cards_flags():
     )
     assert (e["max_num_seqs"], e["max_num_batched_tokens"], e["max_model_len"]) == (128, 8192, 16384)
     assert e["gpu_memory_utilization"] == 0.95
+    assert not {"max_num_seqs", "max_num_batched_tokens", "max_model_len"} & set(job.model.engine)
 
 
 BASE = {

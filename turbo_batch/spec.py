@@ -117,9 +117,28 @@ class PromptSpec(Strict):
 class ModelSpec(Strict):
     path: str = Field(description="local checkpoint dir or hub id")
     preset: Literal["auto", "cpu", "turbo", "classification", "generation", "latency", "batch"] = "auto"
-    engine: dict[str, Any] = Field(default_factory=dict, description="vLLM engine arguments, applied last")
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments for every engine; keys left out are computed per GPU",
+    )
+    engine_by_gpu: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments per GPU type (rtx-5090, rtx-pro-6000, b200, h200, h100, cpu), "
+        "applied after `engine`",
+    )
     tokenizer: str | None = None
     trust_remote_code: bool = False
+
+    @field_validator("engine_by_gpu")
+    @classmethod
+    def _gpu_types_ok(cls, by_gpu: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from turbo_batch.engine.profiles import CPU_PROFILE, GPU_TYPES
+
+        known = (*GPU_TYPES, CPU_PROFILE.name)
+        unknown = sorted(set(by_gpu) - set(known))
+        if unknown:
+            raise ValueError(f"unknown GPU type(s) {unknown}; known: {', '.join(known)}")
+        return by_gpu
 
 
 class SamplingSpec(Strict):
@@ -202,6 +221,17 @@ class JobSpec(Strict):
                 "tokenizer": self.model.tokenizer,
                 "engine": {k: v for k, v in sorted(self.model.engine.items()) if k not in perf_keys},
             },
+            # only when set, so fingerprints of jobs without it stay as they were
+            **(
+                {
+                    "engine_by_gpu": {
+                        gpu: {k: v for k, v in sorted(e.items()) if k not in perf_keys}
+                        for gpu, e in sorted(self.model.engine_by_gpu.items())
+                    }
+                }
+                if self.model.engine_by_gpu
+                else {}
+            ),
             "sampling": self.sampling.model_dump(mode="json"),
             "keep_columns": list(self.output.keep_columns),
         }
