@@ -8,6 +8,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 stamp="$VENV/.turbo-batch-setup"
+# Headless Chromium for the report's rendering test (Debian's package). Only as root and only if missing;
+# without it that one test skips.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/dev/null 2>&1 \
+      || echo "setup: could not install chromium (the report rendering test will skip)"
+  else
+    echo "setup: chromium not found (the report rendering test will skip; as root: apt-get install chromium)"
+  fi
+fi
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import vllm, ray, turbo_batch" 2>/dev/null; then
   echo "setup: $VENV is up to date"

@@ -183,12 +183,29 @@ def plan_lines(job: JobSpec) -> list[str]:
     return lines
 
 
+def report_cmd(out_dir: Path) -> None:
+    """Write OUT_DIR/_report.html from what the dir holds (complete, running or crashed) and print its path."""
+    from turbo_batch.batch.html_report import REPORT, collect, render
+
+    try:
+        page = render(collect(out_dir))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(3) from None
+    target = out_dir / REPORT
+    tmp = target.with_name(f".{REPORT}.tmp")
+    tmp.write_text(page)
+    tmp.replace(target)
+    print(target)
+
+
 # name -> function, or "module:function" for commands whose modules are imported at start (none of
 # them imports Ray, vLLM or torch at module level, so `validate` stays fast).
 COMMANDS: dict[str, Callable[..., Any] | str] = {
     "validate": validate,
     "run": run,
     "plan": plan,
+    "report": report_cmd,
     "demo": demo,
     "fetch-demo": fetch_demo,
     "tiny-model": tiny_model,

@@ -23,6 +23,7 @@ class RowError(StrEnum):
     INVALID_JSON = "INVALID_JSON"  # extract: the model's output is not JSON
     SCHEMA_MISMATCH = "SCHEMA_MISMATCH"  # extract: JSON that fails the job's JSON schema
     ENGINE_ERROR = "ENGINE_ERROR"  # the engine rejected or kept failing on this row
+    INVALID_REQUEST = "INVALID_REQUEST"  # openai_batch: a line the serve endpoint would refuse (400)
     INTERNAL_ERROR = "INTERNAL_ERROR"  # a bug in turbo-batch; the message carries the exception
 
 

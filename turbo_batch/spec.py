@@ -29,11 +29,21 @@ class InputSpec(Strict):
     path: str | list[str] = Field(
         description="parquet/JSONL files, directories or globs, or a save_to_disk dir"
     )
-    format: Literal["auto", "parquet", "jsonl", "hf"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "hf", "openai_batch"] = Field(
+        default="auto",
+        description="openai_batch: OpenAI Batch API input JSONL (custom_id is the row id; needs task generate)",
+    )
     text_columns: list[str] = Field(default=["text"], min_length=1)
     id_column: str | None = None
     limit: int | None = Field(default=None, gt=0)
     split: str | None = Field(default=None, description="split of a saved DatasetDict")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_ids(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") == "openai_batch" and data.get("id_column") is None:
+            data = {**data, "id_column": "custom_id"}  # custom_id is the row id (unique: preflight checks)
+        return data
 
     @property
     def paths(self) -> list[str]:
@@ -153,6 +163,11 @@ class OutputSpec(Strict):
     dir: str
     keep_columns: list[str] = Field(default_factory=list)
     part_rows: int = Field(default=1000, ge=1, description="rows per committed parquet part")
+    format: Literal["parquet", "openai_batch", "both"] = Field(
+        default="parquet",
+        description="openai_batch/both: also openai_batch_output.jsonl, derived from the committed parts at "
+        "job end (the parts stay: they are the exactly-once commit log)",
+    )
 
 
 class ClusterSpec(Strict):
@@ -183,6 +198,34 @@ class ClusterSpec(Strict):
     )
 
 
+# Rough on-demand rental prices (USD per GPU-hour, late 2026) for the cost lines of the summary and
+# report; `cpu` is per engine on a CPU box. Set your own in the job file: report.gpu_hour_usd.
+DEFAULT_GPU_HOUR_USD: dict[str, float] = {
+    "rtx-5090": 0.70,
+    "rtx-pro-6000": 1.80,
+    "b200": 5.50,
+    "h100": 2.50,
+    "h200": 3.50,
+    "cpu": 0.05,
+}
+
+
+class ReportSpec(Strict):
+    gpu_hour_usd: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_GPU_HOUR_USD),
+        description="USD per GPU-hour by GPU type (rtx-5090, rtx-pro-6000, b200, h100, h200, cpu); "
+        "entries given here replace the defaults of the same type",
+    )
+
+    @field_validator("gpu_hour_usd")
+    @classmethod
+    def _prices_ok(cls, prices: dict[str, float]) -> dict[str, float]:
+        bad = sorted(k for k, v in prices.items() if v < 0)
+        if bad:
+            raise ValueError(f"prices must be >= 0: {bad}")
+        return {**DEFAULT_GPU_HOUR_USD, **{k.lower(): float(v) for k, v in prices.items()}}
+
+
 class JobSpec(Strict):
     name: str | None = None
     input: InputSpec
@@ -192,9 +235,16 @@ class JobSpec(Strict):
     sampling: SamplingSpec = SamplingSpec()
     output: OutputSpec
     cluster: ClusterSpec = ClusterSpec()
+    report: ReportSpec = ReportSpec()
 
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
+        if self.input.format == "openai_batch" and self.task.type != "generate":
+            raise ValueError("input.format openai_batch: the task must be generate (each line is a request)")
+        if self.input.format == "openai_batch" and self.input.id_column not in (None, "custom_id"):
+            raise ValueError("input.id_column: openai_batch input uses custom_id as the row id")
+        if self.output.format != "parquet" and self.input.format != "openai_batch":
+            raise ValueError(f"output.format {self.output.format}: needs input.format openai_batch")
         if self.cluster.engine_source == "serve" and self.cluster.reuse_engines:
             raise ValueError("cluster.reuse_engines applies to own engines, not engine_source=serve")
         return self

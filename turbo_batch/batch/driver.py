@@ -175,7 +175,7 @@ class Driver:
                 self.cond.notify_all()
         if results is not None:
             slot.done += len(results)
-            await self._accept(results)
+            await self._accept([{**r, "engine": slot.name} for r in results])  # per-engine report charts
             return
         # Every row that was on a lost engine is a suspect: most were innocent bystanders of a kill or
         # of one bad row. Suspects run in quarantine, one batch at a time on an engine of their own.
@@ -216,7 +216,7 @@ class Driver:
                     self.cond.notify_all()
             if results is not None:
                 slot.done += len(results)
-                await self._accept(results)
+                await self._accept([{**r, "engine": slot.name} for r in results])
             elif len(w.rows) > 1:
                 mid = len(w.rows) // 2
                 queue[:0] = [Work(w.rows[:mid], w.attempts), Work(w.rows[mid:], w.attempts)]

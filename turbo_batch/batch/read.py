@@ -113,7 +113,7 @@ def plan_units(files: Sequence[tuple[str, str]], limit: int | None = None) -> li
             except (pa.ArrowInvalid, OSError) as e:
                 raise JobError(f"input.path: {path} is not a readable parquet file: {e}") from None
             parts = [(md.row_group(i).num_rows, i) for i in range(md.num_row_groups)]
-        elif fmt == "jsonl":
+        elif fmt in ("jsonl", "openai_batch"):
             parts = [(_count_jsonl(path), None)]
         else:
             parts = [(_hf_table(path).num_rows, None)]
@@ -133,7 +133,7 @@ def input_columns(files: Sequence[tuple[str, str]]) -> set[str] | None:
     """Columns every file has (None for JSONL, whose rows may differ)."""
     cols: set[str] | None = None
     for path, fmt in files:
-        if fmt == "jsonl":
+        if fmt in ("jsonl", "openai_batch"):
             return None
         names = set(pq.read_schema(path).names) if fmt == "parquet" else set(_hf_table(path).schema.names)
         cols = names if cols is None else cols & names
@@ -187,7 +187,13 @@ def read_unit(unit: Unit, columns: Sequence[str]) -> Iterator[pa.Table]:
             yield part.append_column(INPUT_ERROR, pa.nulls(part.num_rows, pa.string()))
     else:
         rows: list[dict[str, Any]] = []
-        for i, row in enumerate(_jsonl_rows(unit.path, columns)):
+        lines = _jsonl_rows(unit.path, columns)
+        if unit.fmt == "openai_batch":  # request lines → custom_id, url, validated body (openai_batch.py)
+            from turbo_batch.batch import openai_batch
+
+            columns = list(dict.fromkeys([*columns, openai_batch.URL_COLUMN, openai_batch.BODY_COLUMN]))
+            lines = openai_batch.read_rows(unit.path, columns)
+        for i, row in enumerate(lines):
             if i >= unit.num_rows:
                 break
             rows.append(row)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from turbo_batch.batch import openai_batch
 from turbo_batch.batch.read import INPUT_ERROR
 from turbo_batch.errors import RowError
 from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, load_tokenizer
@@ -60,6 +61,11 @@ def render_block(
         code = message = None
         if row.get(INPUT_ERROR):
             code, _, message = row[INPUT_ERROR].partition(":")
+        elif row.get(openai_batch.BODY_COLUMN):  # an OpenAI batch request line (openai_batch.py)
+            try:
+                ids = openai_batch.render_ids(builder.tokenizer, row)
+            except ValueError as e:
+                code, message = str(RowError.INVALID_REQUEST), str(e)
         else:
             try:
                 ids, labels = builder.build(row)

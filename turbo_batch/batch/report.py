@@ -3,7 +3,9 @@
 `Stats` accumulates per-row results as they are committed (no second pass over the output);
 `summary()` turns it into the JSON written beside the output and the table printed at the end.
 Evaluation (accuracy, majority-class rate, per-label precision/recall/F1, confusion matrix) is
-computed when a classify job names a gold column. Nothing here imports Ray or vLLM.
+computed when a classify job names a gold column. `cost()` prices a run from each engine's GPU type
+(`report.gpu_hour_usd`): $ per 1M rows and per 1M input tokens, with engine start shown apart.
+The HTML report lives in html_report.py and charts.py. Nothing here imports Ray or vLLM.
 """
 
 from __future__ import annotations
@@ -96,6 +98,73 @@ def evaluate(labels: Sequence[str], pairs: Mapping[tuple[str, str], int]) -> dic
     }
 
 
+def gpu_type(info: Mapping[str, Any]) -> str:
+    """The price key of an engine: its GPU profile (rtx-5090, h200, ...), or cpu."""
+    if info.get("gpu"):
+        return str(info["gpu"])
+    device = info.get("device") or {}
+    if device.get("kind") == "cpu":
+        return "cpu"
+    return str(device.get("profile") or device.get("name") or "unknown").lower()
+
+
+def engine_rows(slots: Sequence[Any], with_rows: bool = True) -> list[dict[str, Any]]:
+    """Name, GPU type, device and count of each engine slot (a Serve slot counts its replicas)."""
+    out = []
+    for s in slots:
+        e = {
+            "name": s.name,
+            "gpu": gpu_type(s.info),
+            "device": (s.info.get("device") or {}).get("name"),
+            "gpus": int(s.info.get("replicas") or 1),
+        }
+        if with_rows:
+            e["rows"] = s.done
+        out.append(e)
+    return out
+
+
+def cost(
+    engines: Sequence[Mapping[str, Any]],
+    *,
+    wall_s: float,
+    engine_start_s: float,
+    rows: int,
+    prompt_tokens: int,
+    prices: Mapping[str, float],
+) -> dict[str, Any]:
+    """What the run cost at `prices` (USD per GPU-hour by GPU type), per 1M rows and input tokens.
+
+    Engines are paid while they start (`engine_start_usd`) and while they run rows (`run_usd`);
+    the per-1M figures are given with and without the start."""
+    types = Counter()
+    for e in engines:
+        types[gpu_type(e)] += int(e.get("gpus") or 1)
+    unknown = sorted(t for t in types if t not in prices)
+    if unknown or not types:
+        return {
+            "gpu_types": dict(types),
+            "note": f"no price for {unknown or 'no engines'}: set report.gpu_hour_usd",
+        }
+    hourly = sum(prices[t] * n for t, n in types.items())
+    run_usd, start_usd = hourly * wall_s / 3600, hourly * engine_start_s / 3600
+
+    def per_million(usd: float, n: int) -> float | None:
+        return round(usd / n * 1e6, 4) if n else None
+
+    return {
+        "gpu_types": dict(types),
+        "usd_per_hour": round(hourly, 4),
+        "run_usd": round(run_usd, 6),
+        "engine_start_usd": round(start_usd, 6),
+        "total_usd": round(run_usd + start_usd, 6),
+        "usd_per_1m_rows": per_million(run_usd + start_usd, rows),
+        "usd_per_1m_rows_excl_start": per_million(run_usd, rows),
+        "usd_per_1m_input_tokens": per_million(run_usd + start_usd, prompt_tokens),
+        "usd_per_1m_input_tokens_excl_start": per_million(run_usd, prompt_tokens),
+    }
+
+
 def summary(
     stats: Stats,
     *,
@@ -105,6 +174,7 @@ def summary(
     engines: list[dict[str, Any]],
     job_name: str | None,
     output_dir: str,
+    prices: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     rows = stats.rows
     out: dict[str, Any] = {
@@ -127,6 +197,15 @@ def summary(
         "host": platform.node(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if prices is not None:
+        out["cost"] = cost(
+            engines,
+            wall_s=wall_s,
+            engine_start_s=engine_start_s,
+            rows=rows,
+            prompt_tokens=stats.prompt_tokens,
+            prices=prices,
+        )
     if stats.label_counts:
         out["label_counts"] = dict(stats.label_counts)
     if stats.gold_column:
@@ -147,6 +226,14 @@ def render_text(s: Mapping[str, Any]) -> str:
         f"wall: {s['wall_s']:.1f} s (+ {s['engine_start_s']:.1f} s engine start) · {s['rows_per_s'] or 0:.2f} rows/s · "
         f"{s['prompt_tok_per_s'] or 0:.0f} prompt tok/s · {s['output_tok_per_s'] or 0:.0f} output tok/s",
     ]
+    c = s.get("cost") or {}
+    if c.get("usd_per_1m_rows") is not None:
+        lines.append(
+            f"cost: ${c['total_usd']:.4f} (${c['engine_start_usd']:.4f} of it engine start) at "
+            f"${c['usd_per_hour']:.2f}/h · ${c['usd_per_1m_rows']:.2f} per 1M rows "
+            f"(${c['usd_per_1m_rows_excl_start']:.2f} without start) · "
+            f"${c['usd_per_1m_input_tokens'] or 0:.3f} per 1M input tokens"
+        )
     if s["errors_by_code"]:
         lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(s["errors_by_code"].items())))
     ev = s.get("evaluation")

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from turbo_batch.batch import report
+from turbo_batch.batch.timeline import Timeline
 from turbo_batch.batch.write import OutputDir
 from turbo_batch.spec import ClassifyTask, ExtractTask, JobSpec
 
@@ -32,6 +33,7 @@ RESULT_COLUMNS = frozenset(
         "output_tokens",
         "error_code",
         "error_message",
+        "engine",
     }
 )
 FLUSH_SECONDS = 20.0
@@ -66,6 +68,7 @@ def output_schema(job: JobSpec, rendered: pa.Schema, passthrough: Sequence[str])
         pa.field("output_tokens", pa.int32()),
         pa.field("error_code", pa.string()),
         pa.field("error_message", pa.string()),
+        pa.field("engine", pa.string()),  # the slot that ran the row (null: it never reached one)
     ]
     return pa.schema(fields)
 
@@ -97,6 +100,7 @@ class ResultBuffer:
         self.rows: list[dict[str, Any]] = []
         self.oldest: float | None = None  # when the oldest row still in the buffer arrived
         self._commit = asyncio.Lock()  # one part at a time: parts get distinct names, in order
+        self.timeline = Timeline(out.path, out.run_no)  # the report's time series (timeline.py)
 
     def keep(self, row: dict[str, Any]) -> None:
         """Remember a rendered row's kept input columns (joined with its result in `add`)."""
@@ -113,6 +117,7 @@ class ResultBuffer:
             row = {**self.kept.pop(r["row_id"], {}), **r}
             self.stats.add(row)
             self.rows.append(row)
+        self.timeline.observe(results)
         self.on_progress(len(results))
         # a part is full, or a row has waited FLUSH_SECONDS (a slow job still commits often, so a crash
         # loses little; the clock starts at the first buffered row, not at driver start)
@@ -129,3 +134,4 @@ class ResultBuffer:
                 table = pa.Table.from_pylist(rows, schema=self.schema)
                 await asyncio.to_thread(self.out.commit, table)
             self.oldest = None
+            self.timeline.flush()

@@ -16,8 +16,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from turbo_batch.batch import report
+from turbo_batch.batch import openai_batch, report
 from turbo_batch.batch.driver import Driver
+from turbo_batch.batch.html_report import write_report
 from turbo_batch.batch.plan import Plan, preflight
 from turbo_batch.batch.pool import EnginePool, Pool, ServePool
 from turbo_batch.batch.read import make_datasource
@@ -108,11 +109,13 @@ async def run_plan(
     engine_start_s = time.monotonic() - t_engine if own_pool else 0.0
     priority = job.cluster.priority if job.cluster.engine_source == "serve" else 0
     driver = Driver(job, plan, pool, out, priority=priority, on_progress=progress or (lambda n: None))
+    driver.results.timeline.start(engine_start_s, report.engine_rows(pool.slots, with_rows=False))
     t0 = time.monotonic()
     try:
         if producer is not None:
             await driver.consume(blocks)
             await producer
+        driver.results.timeline.flush(final=True)
         wall = time.monotonic() - t0  # engines ready → last row committed (engine shutdown not counted)
     finally:
         if producer is not None and not producer.done():
@@ -127,12 +130,17 @@ async def run_plan(
         engines=[{**s.info, "name": s.name, "rows": s.done} for s in pool.slots],
         job_name=job.name,
         output_dir=str(plan.output_dir),
+        prices=job.report.gpu_hour_usd,
     )
     summary["fingerprint"] = plan.fingerprint
     summary["adopted_parts"] = out.adopted
     if out.committed_rows != plan.total_rows:
         out.write_summary(summary)
+        write_report(plan.output_dir, summary)
         raise JobError(f"only {out.committed_rows} of {plan.total_rows} rows are committed; rerun to resume")
+    if job.output.format != "parquet":  # derived from the committed parts, before _SUCCESS
+        openai_batch.write_output(plan.output_dir, job.input.paths, job.model.path)
+    write_report(plan.output_dir, summary)
     out.finish(summary)
     return summary
 

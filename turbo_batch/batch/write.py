@@ -39,6 +39,8 @@ JOB = "_job.json"
 SUCCESS = "_SUCCESS"
 SUMMARY = "_summary.json"
 TMP = "_tmp"
+# Files derived from the parts (timeline, report, OpenAI batch output): removed by --restart.
+DERIVED = ("_timeline.jsonl", "_report.html", "openai_batch_output.jsonl")
 FAULT_POINTS = ("before_rename", "after_rename", "after_manifest", "before_success", "enospc", "erofs")
 
 _fault_hits: Counter[str] = Counter()
@@ -159,7 +161,7 @@ class OutputDir:
     def _clear(self) -> None:
         for p in self.path.glob("part-*.parquet"):
             p.unlink()
-        for name in (MANIFEST, JOB, SUCCESS, SUMMARY):
+        for name in (MANIFEST, JOB, SUCCESS, SUMMARY, *DERIVED):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / TMP, ignore_errors=True)
 
