@@ -148,12 +148,10 @@ def render_ids(tokenizer: Any, row: dict[str, Any]) -> list[int]:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def _requests(paths: Sequence[str]) -> dict[str, tuple[str | None, str | None]]:
+def _requests(files: Sequence[str]) -> dict[str, tuple[str | None, str | None]]:
     """custom_id → (url, model) from the input files (the output's body shape depends on the url)."""
-    from turbo_batch.batch.read import discover
-
     out: dict[str, tuple[str | None, str | None]] = {}
-    for path, _ in discover(paths, "openai_batch"):
+    for path in files:
         for row in read_rows(path, ()):
             body = json.loads(row[BODY_COLUMN]) if row[BODY_COLUMN] else {}
             out[row[ID_COLUMN]] = (row[URL_COLUMN], body.get("model"))
@@ -214,12 +212,13 @@ def response_line(row: dict[str, Any], url: str | None, model: str | None, creat
     return line
 
 
-def write_output(out_dir: Path, input_paths: Sequence[str], model_path: str) -> Path:
-    """Write `openai_batch_output.jsonl` from the committed parts, atomically; returns its path."""
+def write_output(out_dir: Path, input_files: Sequence[str], model_path: str) -> Path:
+    """Write `openai_batch_output.jsonl` from the committed parts, atomically; returns its path.
+    `input_files`: the job's input files (the plan's), read again for each line's url and model."""
     import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
-    requests = _requests(input_paths)
+    requests = _requests(input_files)
     created = int(time.time())
     target = out_dir / OUTPUT_FILE
     tmp = out_dir / f".{OUTPUT_FILE}.{uuid.uuid4().hex[:8]}"
