@@ -8,7 +8,6 @@ prints the result and maps errors to exit codes (2: bad job file, 3: output dir,
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -155,7 +154,8 @@ def demo(
 
 
 def plan(job_file: Path, set_: SetOpt = None) -> None:
-    """Show the engine arguments each known device would get for this job (no Ray, no vLLM)."""
+    """Per known GPU: weights, KV cache tokens, computed max_num_seqs / max_model_len and the engine
+    arguments this job's engines would get (no Ray, no vLLM, no network)."""
     try:
         job = load_job(job_file, set_ or [])
     except JobError as e:
@@ -167,36 +167,11 @@ def plan(job_file: Path, set_: SetOpt = None) -> None:
 def plan_lines(job: JobSpec) -> list[str]:
     from turbo_batch.engine import profiles
 
-    model = job.model.model_dump(mode="json")
-    labels = len(getattr(job.task, "labels", []) or [])
-    lines = []
-    for dev in profiles.KNOWN_DEVICES:
-        try:
-            args = profiles.engine_args(
-                model, dev, max_labels=labels, model_max_len=profiles.model_context_len(job.model.path)
-            )
-            lines.append(
-                f"{dev.name} ({profiles.match_profile(dev).name}): {json.dumps(args, sort_keys=True)}"
-            )
-        except JobError as e:
-            lines.append(f"{dev.name}: refused: {e}")
-    return lines
-
-
-def report_cmd(out_dir: Path) -> None:
-    """Write OUT_DIR/_report.html from what the dir holds (complete, running or crashed) and print its path."""
-    from turbo_batch.batch.html_report import REPORT, collect, render
-
-    try:
-        page = render(collect(out_dir))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(3) from None
-    target = out_dir / REPORT
-    tmp = target.with_name(f".{REPORT}.tmp")
-    tmp.write_text(page)
-    tmp.replace(target)
-    print(target)
+    return profiles.plan_lines(
+        job.model.model_dump(mode="json"),
+        max_labels=len(getattr(job.task, "labels", []) or []),
+        model_max_len=profiles.model_context_len(job.model.path),
+    )
 
 
 # name -> function, or "module:function" for commands whose modules are imported at start (none of
@@ -211,6 +186,10 @@ COMMANDS: dict[str, Callable[..., Any] | str] = {
     "tiny-model": tiny_model,
     "serve": "turbo_batch.serve.app:serve_command",
     "convert": "turbo_batch.convert:convert_command",
+    "submit": "turbo_batch.submit:submit_command",
+    "status": "turbo_batch.submit:status_command",
+    "logs": "turbo_batch.submit:logs_command",
+    "stop": "turbo_batch.submit:stop_command",
 }
 
 
