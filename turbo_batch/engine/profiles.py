@@ -217,8 +217,8 @@ def resolve(
     args["model"] = model["path"]
     if model.get("tokenizer"):
         args["tokenizer"] = model["tokenizer"]
-    args["trust_remote_code"] = bool(model.get("trust_remote_code", False))
     args.update(job)
+    args["trust_remote_code"] = bool(model.get("trust_remote_code", False))  # the one switch (spec.py)
     return out
 
 
@@ -312,3 +312,31 @@ def plan_lines(model: dict[str, Any], *, max_labels: int = 0, model_max_len: int
         lines += [f"  note: {n}" for n in r.notes]
         lines.append(f"  engine args: {json.dumps(r.args, sort_keys=True)}")
     return lines
+
+
+NODE_LABEL = "turbo-batch.io/gpu"  # Ray node label the cluster files set: the node's GPU type
+
+
+def node_resource(gpu_type: str) -> str:
+    """The Ray custom resource a node with GPUs of `gpu_type` offers (one per GPU); a job pins its
+    engines to such nodes with `cluster.engine_resources: {gpu-b200: 1}`."""
+    return f"gpu-{gpu_type}"
+
+
+def node_resources(device: Device, count: int = 1) -> dict[str, float]:
+    return {} if device.kind == "cpu" else {node_resource(match_profile(device).name): float(count)}
+
+
+if __name__ == "__main__":  # for `ray start` on a node: its --resources JSON, or `--type`: its GPU type
+    import sys
+
+    dev = detect_device()
+    n = 0
+    with contextlib.suppress(Exception):
+        import torch
+
+        n = torch.cuda.device_count()
+    if "--type" in sys.argv:
+        print(match_profile(dev).name)
+    else:
+        json.dump(node_resources(dev, n or 1), sys.stdout)
