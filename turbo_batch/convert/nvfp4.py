@@ -2,8 +2,9 @@
 
 What it does: the numbers behind `turbo-batch convert` — quantize a 2-D weight to NVIDIA's NVFP4 the way
 ModelOpt exports it and vLLM's `--quantization modelopt` path reads it, dequantize it back, and measure the
-error. What it does not do: file I/O, calibration, activation quantization (see `convert.py` for the
-activation `input_scale` choice), or any GPU kernel.
+error. What it does not do: file I/O, calibration, activation quantization (see `rtn.py` for the
+activation `input_scale` choice), or any GPU kernel. Must not import anything but torch: benchmarks and the
+tests use it on its own.
 
 Format (one linear layer, weight W of shape [out, in], group size g = 16):
   weight          uint8            [out, in/2]   two FP4 E2M1 codes per byte, element 2j in the LOW nibble,
@@ -22,7 +23,7 @@ Sources this follows, all read in the installed vLLM 0.32 (`.venv/.../vllm/`):
   * global scale: `model_executor/layers/quantization/modelopt.py`, `KNvfp4Static.process`:
     "Raw max, no reciprocation — Marlin/cutlass want ModelOpt's amax/2688" (2688 = 6 * 448), and
     ``weight_global_scale = layer.weight_scale_2.max()`` — for fused layers (qkv_proj, gate_up_proj) vLLM
-    keeps ONE global scale, the max over the shards, so the shards must share it (convert.py does).
+    keeps ONE global scale, the max over the shards, so the shards must share it (rtn.py does).
   * rounding: `cast_to_fp4` in the same utils file (ties: 0.25→0, 0.75→1, 1.25→1, 1.75→2, 2.5→2, 3.5→4,
     5→4, i.e. ties to the even mantissa; |x| > 6 saturates to 6). ModelOpt's exporter
     (`NVFP4QTensor.quantize` / `_cast_fp4`: searchsorted over the bounds plus a +1 at the odd bounds, and
