@@ -3,18 +3,45 @@
 Engines take ~35 s to start on a 2-core CPU, so the batch tests share one session-wide pool of
 engine actors (`tiny_pool`) and pass it to `run_job(..., pool=...)`. Jobs here use fractional CPUs
 so the engine, the Serve app and Ray Data's render tasks fit on 2 logical CPUs together.
+Plain helpers (`job_dict`, `TINY_ENGINE`, `TEST_CLUSTER`) live in tests/helpers.py.
+
+Fast lane (`make test-fast`, `pytest -m "not slow"`): every test whose fixtures reach a real engine
+or Ray (`HEAVY_FIXTURES`, directly or through another fixture) is marked `slow` at collection, so a
+new test that asks for `tiny_pool` is in the slow lane without anyone remembering a marker. A test
+that starts Ray by itself in the fast lane fails (`TB_FAST_LANE=1`, set by `make test-fast`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-TINY_ENGINE = {"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 1024 * 1024, "max_num_seqs": 64}
-TEST_CLUSTER = {"engine_cpus": 0.5, "render_cpus": 0.25, "batch_rows": 16}
+from tests.helpers import job_dict
+
+# Fixtures that start (or exist only for) a real Ray cluster or vLLM engine.
+HEAVY_FIXTURES = frozenset({"ray_session", "tiny_model", "tiny_pool", "served"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # fixturenames is the whole closure: a fixture built on tiny_pool counts too
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_starts_no_ray(request):
+    yield
+    if os.environ.get("TB_FAST_LANE") and "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+            pytest.fail(f"{request.node.nodeid} started Ray in the fast lane: mark it slow", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -35,24 +62,11 @@ def ray_session():
     ray.shutdown()
 
 
-def job_dict(model: Path, inp: Path | str, out: Path | str, task: dict | None = None, **sections) -> dict:
-    """A job mapping for the tiny model with the test cluster settings; sections override parts."""
-    job = {
-        "name": "test",
-        "input": {"path": str(inp), "text_columns": ["text"]},
-        "task": task or {"type": "classify", "labels": ["positive", "negative"]},
-        "model": {"path": str(model), "engine": dict(TINY_ENGINE)},
-        "output": {"dir": str(out), "part_rows": 25},
-        "cluster": dict(TEST_CLUSTER),
-    }
-    for key, value in sections.items():
-        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
-    return job
-
-
 @pytest.fixture(scope="session")
 def tiny_pool(ray_session, tiny_model):
-    """A started pool of one real vLLM engine actor on the tiny model, shared by the batch tests."""
+    """A started pool of one real vLLM engine actor on the tiny model, shared by the batch tests.
+
+    Tests that disturb it (kill its actor) must leave it as they found it: up, with fresh `info`."""
     from turbo_batch.batch.pool import EnginePool
     from turbo_batch.spec import JobSpec
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import job_dict
+from tests.helpers import job_dict
 
 
 def _has_cuda() -> bool:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import job_dict
+from tests.helpers import job_dict
 from turbo_batch.batch.run import run_job
 from turbo_batch.batch.write import SUCCESS, read_output
 from turbo_batch.spec import JobSpec

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import job_dict
+from tests.helpers import job_dict
 from turbo_batch.batch.pool import Slot
 from turbo_batch.batch.run import run_job
 from turbo_batch.batch.write import MANIFEST, SUCCESS

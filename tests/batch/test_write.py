@@ -85,3 +85,90 @@ def test_unwritable_output_dir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="cannot write output"):
         OutputDir(blocker / "sub", "fp", {}).open()
+
+
+# -- names, manifest encoding and adoption, exactly -----------------------------------------------------
+
+
+def _manifest(path):
+    return [json.loads(x) for x in (path / MANIFEST).read_text().splitlines()]
+
+
+def test_part_names_count_up_within_a_run_and_runs_count_up_across_opens(tmp_path):
+    out = OutputDir(tmp_path, "fp", {}).open()
+    assert out.run_no == 1
+    assert [out.commit(_t([0])), out.commit(_t([1])), out.commit(_t([]))] == [
+        "part-r001-00001.parquet",
+        "part-r001-00002.parquet",
+        "",  # nothing to commit, no part
+    ]
+    again = OutputDir(tmp_path, "fp", {}).open()
+    assert again.run_no == 2 and again.commit(_t([2])) == "part-r002-00001.parquet"
+    assert _manifest(tmp_path) == [
+        {"part": "part-r001-00001.parquet", "rows": 1, "run": 1, "int_ranges": [[0, 1]]},
+        {"part": "part-r001-00002.parquet", "rows": 1, "run": 1, "int_ranges": [[1, 2]]},
+        {"part": "part-r002-00001.parquet", "rows": 1, "run": 2, "int_ranges": [[2, 3]]},
+    ]
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == [e["part"] for e in _manifest(tmp_path)]
+
+
+def test_encode_ids_exact():
+    assert encode_ids(pa.array([7, 1, 2, 3, 9, 10], pa.int64())) == {"int_ranges": [[1, 4], [7, 8], [9, 11]]}
+    assert encode_ids(pa.array([], pa.int64())) == {"int_ranges": []}
+    assert encode_ids(pa.array(["b", "a", "b2"])) == {"ids": ["b", "a", "b2"]}  # strings kept as given
+    assert decode_ids({"int_ranges": [[1, 4], [7, 8]]}) == [1, 2, 3, 7]
+    assert decode_ids({"ids": ["z", "y"]}) == ["z", "y"]
+
+
+def test_adopted_orphan_gets_its_run_number_and_ids(tmp_path):
+    out = OutputDir(tmp_path, "fp", {}).open()
+    out.commit(_t([0, 1]))
+    out.commit(_t([4, 2, 3]))
+    (tmp_path / MANIFEST).write_text(json.dumps(_manifest(tmp_path)[0]) + "\n")  # second line never written
+    again = OutputDir(tmp_path, "fp", {}).open()
+    assert again.adopted == 1 and again.committed_rows == 5 and again.run_no == 2
+    assert _manifest(tmp_path)[1] == {
+        "part": "part-r001-00002.parquet",
+        "rows": 3,
+        "run": 1,
+        "int_ranges": [[2, 5]],
+    }
+    # adopted once: a third open has nothing left to adopt
+    assert OutputDir(tmp_path, "fp", {}).open().adopted == 0 and len(_manifest(tmp_path)) == 2
+
+
+def test_manifest_line_of_a_deleted_part_no_longer_counts_and_duplicates_collapse(tmp_path):
+    out = OutputDir(tmp_path, "fp", {}).open()
+    out.commit(_t([0, 1]))
+    out.commit(_t([2]))
+    lines = (tmp_path / MANIFEST).read_text().splitlines()
+    (tmp_path / MANIFEST).write_text("\n".join([lines[0], lines[0], lines[1]]) + "\n")
+    (tmp_path / "part-r001-00002.parquet").unlink()
+    again = OutputDir(tmp_path, "fp", {}).open()
+    assert again.committed_ids().to_pylist() == [0, 1] and again.adopted == 0
+    assert [e["part"] for e in _manifest(tmp_path)] == ["part-r001-00001.parquet"]
+
+
+def test_parts_without_a_job_file_are_refused(tmp_path):
+    (tmp_path / "part-r001-00001.parquet").write_bytes(b"x")
+    with pytest.raises(OutputError, match="not a turbo-batch output dir"):
+        OutputDir(tmp_path, "fp", {}).open()
+
+
+def test_reopen_clears_success_and_keeps_the_first_parts_schema(tmp_path):
+    out = OutputDir(tmp_path, "fp", {"name": "j"}).open()
+    out.commit(_t([0]))
+    out.finish({"rows": 1})
+    again = OutputDir(tmp_path, "fp", {}).open()
+    assert not (tmp_path / SUCCESS).exists() and not (tmp_path / "_summary.json").exists()
+    # a later part with another column order and a narrower type is written in the first part's schema
+    again.commit(pa.table({"label": ["l1"], "row_id": pa.array([1], pa.int32())}))
+    assert read_output(tmp_path).schema == _t([0]).schema
+    assert json.loads((tmp_path / "_job.json").read_text())["fingerprint"] == "fp"
+
+
+def test_string_ids_roundtrip_through_the_manifest(tmp_path):
+    out = OutputDir(tmp_path, "fp", {}).open()
+    out.commit(pa.table({"row_id": ["u2", "u1"], "label": ["a", "b"]}))
+    again = OutputDir(tmp_path, "fp", {}).open()
+    assert again.committed_ids().to_pylist() == ["u2", "u1"] and again.committed_ids().type == pa.string()
