@@ -1,0 +1,200 @@
+"""Rows, model, job file and the token ids every variant runs (rendered once, with turbo-batch's own
+PromptBuilder); writes plan.json, rendered.parquet and warmup.parquet into the preset's work dir."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import build_gemma4, label_token_counts, log, make_labels, synthetic_rows
+from .presets import PRESETS
+
+
+def job_dict(preset: dict[str, Any], model: Path, inp: Path, out: Path, id_col: str, gold: dict | None):
+    kind = preset.get("kind", "classify")
+    sampling: dict[str, Any] = {}
+    if kind == "generate":  # a fixed output length, as the seed's 1K/200 and 1K/10 serve benchmarks
+        task: dict[str, Any] = {"type": "generate", "max_tokens": preset["max_tokens"]}
+        sampling = {"temperature": 0.0, "extra": {"ignore_eos": True}}
+    else:
+        task = {"type": "classify", "labels": list(preset["labels"])}
+    if gold:
+        task.update(gold)
+    job = {
+        "name": "bench-batch",
+        "input": {"path": str(inp), "text_columns": ["text"], "id_column": id_col},
+        "task": task,
+        "prompt": {"system": preset["system"], "template": preset["template"]},
+        "model": {"path": str(model), "preset": preset["model_preset"], "engine": dict(preset["engine"])},
+        "output": {"dir": str(out), **preset["output"]},
+        "cluster": {"address": "local"},
+    }
+    if sampling:
+        job["sampling"] = sampling
+    return job
+
+
+def _model(name: str, args: argparse.Namespace, workdir: Path) -> Path:
+    if name == "smollm2":
+        from turbo_batch.testing import assets
+
+        return Path(assets.smollm2_dir(progress=log))
+    if name == "tiny":
+        from turbo_batch.testing.tiny import write_tiny_gemma4
+
+        return Path(
+            write_tiny_gemma4(Path(getattr(args, "root", workdir)) / "tiny-gemma4")
+        )  # one for all presets
+    model = Path(args.model_dir).resolve() if args.model_dir else workdir / "gemma4-1.2b-random"
+    build_gemma4(model, Path(args.tok).resolve(), weights=False)  # config + tokenizer; weights in a child
+    return model
+
+
+def _rotten_tomatoes(n: int, warm_n: int):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from turbo_batch.testing import assets
+
+    table = assets.sample_rotten_tomatoes(n, seed=0, progress=log).select(["review_id", "text", "label"])
+    full = pq.read_table(assets.rotten_tomatoes(progress=log))
+    taken = set(table["review_id"].to_pylist())
+    rest = [i for i, rid in enumerate(full["review_id"].to_pylist()) if rid not in taken]
+    warm = full.take(pa.array(random.Random(1).sample(rest, warm_n))).select(table.column_names)
+    return table, warm
+
+
+def prepare(
+    args: argparse.Namespace, workdir: Path, info: dict[str, Any], name: str | None = None
+) -> dict[str, Any]:
+    """Rows, model, job file and the rendered token ids every variant runs; returns the plan."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from turbo_batch.engine import profiles
+    from turbo_batch.prompt import PromptBuilder, PromptConfig, load_tokenizer
+    from turbo_batch.spec import JobSpec
+
+    name = name or args.preset
+    preset = dict(PRESETS[name])
+    kind = preset.get("kind", "classify")
+    n = _rows_for(args.rows, name) or preset["rows"]
+    warm_n = preset["warmup_rows"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = _model(preset["model"], args, workdir)
+    tokenizer = load_tokenizer(str(model))
+    if kind == "labels":
+        preset["labels"] = make_labels(tokenizer, preset["n_labels"], preset["label_tokens"])
+    labels = list(preset.get("labels") or [])
+    gold = gold_map = None
+    if preset.get("data") == "rotten_tomatoes":
+        table, warm = _rotten_tomatoes(n, warm_n)
+        id_col = "review_id"
+        gold = {"gold_column": "label", "gold_map": {"fresh": "positive", "rotten": "negative"}}
+        gold_map = gold["gold_map"]
+    else:
+        probe = JobSpec.model_validate(job_dict(preset, model, workdir / "x", workdir / "y", "id", None))
+        overhead = len(PromptBuilder(PromptConfig.from_job(probe), tokenizer).build({"text": "x"})[0]) - 1
+        both = synthetic_rows(n + warm_n, preset["prompt_tokens"] - overhead, tokenizer, labels)
+        table, warm = both.slice(0, n), both.slice(n)
+        id_col = "id"
+    inp = workdir / "rows.parquet"
+    pq.write_table(table, inp)
+    out_dir = workdir / "turbo_out"
+    job = job_dict(preset, model, inp, out_dir, id_col, gold)
+    spec = JobSpec.model_validate(job)
+    job_file = workdir / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job, sort_keys=False))
+
+    # Render once, the way turbo-batch's render stage does (PromptBuilder over each row's columns).
+    builder = PromptBuilder(PromptConfig.from_job(spec), tokenizer)
+    schema = pa.schema(
+        [("row_id", pa.int64()), ("prompt_ids", pa.list_(pa.int32())), ("label_ids", pa.list_(pa.int32())),
+         ("gold", pa.string())]
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    rendered = {}
+    for part, tab in (("rendered", table), ("warmup", warm)):
+        rows = []
+        for row in tab.to_pylist():
+            ids, label_ids = builder.build(row)
+            if kind != "generate" and label_ids is None:
+                raise SystemExit(f"labels {labels} share a first token: pick other labels")
+            gold_label = gold_map.get(row["label"]) if gold_map else None
+            rows.append(
+                {"row_id": row[id_col], "prompt_ids": ids, "label_ids": label_ids, "gold": gold_label}
+            )
+        rendered[part] = rows
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), workdir / f"{part}.parquet")
+    render_s = time.perf_counter() - t0
+    lens = [len(r["prompt_ids"]) for r in rendered["rendered"]]
+
+    # Engine args as turbo-batch resolves them on this machine's device (the child detected it).
+    if info.get("gpu"):
+        cap = tuple(info.get("gpu_capability") or (9, 0))
+        device = profiles.Device("cuda", info["gpu"], info.get("gpu_mem_gib", 80.0), cap)  # type: ignore[arg-type]
+    elif args.dry_run and name.startswith("gpu"):
+        device = profiles.Device("cuda", "NVIDIA H100 80GB HBM3", 79.1, (9, 0))  # what the lent GPU is
+    else:
+        device = profiles.detect_device()
+    eargs = profiles.engine_args(
+        spec.model.model_dump(mode="json"),
+        device,
+        max_labels=len(labels),
+        model_max_len=profiles.model_context_len(str(model)),
+    )
+    label_ids = rendered["rendered"][0]["label_ids"] or []
+    plan: dict[str, Any] = {
+        "preset": name,
+        "kind": kind,
+        "workdir": str(workdir),
+        "model": str(model),
+        "job_file": str(job_file),
+        "output_dir": str(out_dir),
+        "rows": n,
+        "warmup_rows": warm_n,
+        "labels": labels,
+        "label_first_token_ids": label_ids,
+        "label_first_tokens": [tokenizer.decode([t]) for t in label_ids],
+        "engine_args": eargs,
+        "device_profile": profiles.describe(device),
+        "prompt_tokens": {"mean": round(sum(lens) / len(lens), 1), "min": min(lens), "max": max(lens)},
+        "total_prompt_tokens": sum(lens),
+        "render_once_s": round(render_s, 2),
+        "rdl": {"batch_size": 64, "max_concurrent_batches": 8, "placement": preset["rdl_placement"]},
+        "job": job,
+    }
+    if kind == "generate":
+        plan["sampling"] = {"max_tokens": preset["max_tokens"], "temperature": 0.0, "ignore_eos": True,
+                            "seed": 0, "top_p": 1.0, "detokenize": True}  # fmt: skip
+    else:
+        plan["sampling"] = {
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": len(labels),
+            "allowed_token_ids": "the row's label first-token ids (the same for every row here)",
+            "detokenize": False,
+        }
+    if kind == "labels":
+        counts = label_token_counts(tokenizer, labels)
+        plan["label_tokens"] = counts
+        # DESIGN §3: guided choice needs max_tokens = the longest label in tokens + 1.
+        plan["guided_sampling"] = {"max_tokens": max(counts) + 1, "temperature": 0.0,
+                                   "structured_outputs": {"choice": labels}}  # fmt: skip
+    (workdir / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
+    return plan
+
+
+def _rows_for(spec: str | None, name: str) -> int | None:
+    """--rows N (every preset) or --rows preset=N,preset=N."""
+    if not spec:
+        return None
+    if "=" not in spec:
+        return int(spec)
+    pairs = dict(kv.split("=", 1) for kv in spec.split(","))
+    return int(pairs[name]) if name in pairs else None

@@ -1,0 +1,115 @@
+"""The raw vLLM variant: `LLM(...)` offline, one `llm.generate(all rows)` call timed per workload.
+
+Presets whose engine args are equal share one engine (one start instead of one per preset); the
+prefix cache is reset before every timed call, so no workload reuses another's (or its own warm-up's)
+cached blocks. Modes: raw (one pass for classify, the job's sampling for generate) and raw_guided
+(guided choice over the labels, max_tokens = longest label + 1)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import emit, label_of, load_plan, read_rendered, same_niceness_as_ray, write_outputs
+
+
+def _reset_cache(llm: Any) -> None:
+    with contextlib.suppress(Exception):  # an engine without prefix caching has nothing to reset
+        llm.reset_prefix_cache()
+
+
+def _params(plan: dict[str, Any], mode: str, label_ids: list[int]):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if plan["kind"] == "generate":
+        s = plan["sampling"]
+        return SamplingParams(max_tokens=s["max_tokens"], temperature=0.0, top_p=1.0, seed=s["seed"],
+                              ignore_eos=True)  # fmt: skip
+    if mode == "raw_guided":
+        g = plan["guided_sampling"]
+        return SamplingParams(
+            max_tokens=g["max_tokens"],
+            temperature=0.0,
+            structured_outputs=StructuredOutputsParams(choice=list(plan["labels"])),
+        )
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        logprobs=len(label_ids),
+        allowed_token_ids=list(label_ids),
+        detokenize=False,
+    )
+
+
+def _parse(plan: dict[str, Any], mode: str, label_ids: list[int], row_id: Any, o: Any) -> dict[str, Any]:
+    from turbo_batch.engine.tasks import match_label
+
+    comp = o.outputs[0]
+    res: dict[str, Any] = {"row_id": row_id, "prompt_tokens": len(o.prompt_token_ids)}
+    if plan["kind"] == "generate":
+        return {**res, "text": comp.text, "output_tokens": len(comp.token_ids)}
+    if mode == "raw_guided":
+        return {**res, "label": match_label(comp.text, plan["labels"]), "text": comp.text,
+                "output_tokens": len(comp.token_ids)}  # fmt: skip
+    label, probs = label_of(plan["labels"], label_ids, comp.logprobs[0] if comp.logprobs else None)
+    return {**res, "label": label, "probs": probs}
+
+
+def child_raw(workdirs: dict[str, Path]) -> None:
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    plans = {p: load_plan(w) for p, w in workdirs.items()}
+    eargs = dict(next(iter(plans.values()))["engine_args"])
+    assert all(pl["engine_args"] == eargs for pl in plans.values()), "one raw engine needs equal engine args"
+    nice = same_niceness_as_ray()
+    t0 = time.perf_counter()
+    llm = LLM(**eargs)
+    start_s = time.perf_counter() - t0
+    for name, workdir in workdirs.items():
+        plan = plans[name]
+        rows = read_rendered(workdir / "rendered.parquet")
+        warm = read_rendered(workdir / "warmup.parquet")
+        label_ids = rows[0]["label_ids"] or []
+        assert all((r["label_ids"] or []) == label_ids for r in rows + warm), "label ids differ between rows"
+        wp = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in warm]
+        prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in rows]
+        for mode in plan.get("raw_modes") or ["raw"]:
+            sp = _params(plan, mode, label_ids)
+            # The first request of a kind is slow once per engine (logprobs: vLLM compiles the rank op;
+            # guided choice: the grammar compiles): timed apart, on warm-up rows not in the timed set.
+            t1 = time.perf_counter()
+            llm.generate(wp[:1], sp, use_tqdm=False)
+            first_s = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            llm.generate(wp[1:], sp, use_tqdm=False)
+            warm_s = time.perf_counter() - t1
+            _reset_cache(llm)
+            t1 = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            gen_s = time.perf_counter() - t1
+            parsed = [_parse(plan, mode, label_ids, r["row_id"], o) for r, o in zip(rows, outs, strict=True)]
+            write_outputs(workdir, mode, parsed)
+            out_tok = sum(p.get("output_tokens") or 0 for p in parsed)
+            emit(
+                {
+                    "preset": name,
+                    "variant": mode,
+                    "rows": len(rows),
+                    "timed_s": gen_s,
+                    "rows_per_s": len(rows) / gen_s,
+                    "output_tokens_per_s": out_tok / gen_s if out_tok else None,
+                    "method": "rows / one llm.generate(all rows) call, after warm-up on other rows and a "
+                    "prefix-cache reset",
+                    "engine_start_s": start_s,
+                    "engine_shared_by": list(workdirs),
+                    "first_request_s": first_s,
+                    "warmup_rest_s": warm_s,
+                    "niceness": nice,
+                    "since_engine_start_s": time.perf_counter() - t0,
+                }
+            )
+            _reset_cache(llm)

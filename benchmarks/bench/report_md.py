@@ -1,0 +1,159 @@
+"""The markdown results file of one preset."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .common import fmt
+
+KIND_TITLE = {
+    "classify": "classification in one forward pass",
+    "generate": "generation with a fixed output length",
+    "labels": "one-pass classification vs guided choice",
+}
+
+
+def _machine(d: dict[str, Any]) -> str:
+    m = d["machine"]
+    hw = f"{m['gpu_count']}× {m['gpu']}" if m.get("gpu") else "CPU only (no GPU)"
+    return (
+        f"Measured {d['date']} with `benchmarks/bench_batch.py --preset {d.get('invocation') or d['preset']}` on "
+        f"{hw} ({m.get('cpu', '?')}, {m.get('cpu_count')} logical CPUs, {m.get('ram_gib')} GiB RAM"
+        + (f", {m.get('gpu_mem_gib')} GiB per GPU" if m.get("gpu") else "")
+        + f"); vLLM {m['versions'].get('vllm')}, Ray {m['versions'].get('ray')}, torch {m['versions'].get('torch')}, "
+        f"transformers {m['versions'].get('transformers')}, Python {m.get('python')}; turbo-batch "
+        f"{d.get('git') or '?'}. Load average (1/5/15 min) before: {' / '.join(f'{x:.2f}' for x in d['loadavg_start'])}; "
+        f"after: {' / '.join(f'{x:.2f}' for x in d['loadavg_end'])}."
+    )
+
+
+def _sampling(d: dict[str, Any]) -> list[str]:
+    p = d["plan"]
+    if p["kind"] == "generate":
+        s = p["sampling"]
+        return [f"- Sampling (every variant): max_tokens={s['max_tokens']}, ignore_eos=True, temperature=0, "
+                "top_p=1, seed=0; turbo-batch's job: `task: {type: generate, max_tokens: "
+                f"{s['max_tokens']}}}`, `sampling: {json.dumps(p['job'].get('sampling'))}`."]  # fmt: skip
+    out = [f"- Labels ({len(p['labels'])}): {', '.join(repr(x) for x in p['labels'])}; first tokens "
+           f"{p['label_first_token_ids']}."]  # fmt: skip
+    if p.get("label_tokens"):
+        lt = p["label_tokens"]
+        out.append(f"- Label lengths in tokens: mean {sum(lt) / len(lt):.1f}, min {min(lt)}, max {max(lt)}.")
+    out.append(
+        f"- One pass (raw, turbo{', ray_data_llm' if p['kind'] == 'classify' else ''}): max_tokens=1, "
+        f"temperature=0, logprobs={len(p['labels'])}, allowed_token_ids=label first tokens, detokenize=False; "
+        "label = argmax."
+    )
+    if p.get("guided_sampling"):
+        g = p["guided_sampling"]
+        out.append(f"- Guided choice (raw_guided, ray_data_llm): StructuredOutputsParams(choice=labels), "
+                   f"max_tokens={g['max_tokens']} (longest label + 1, DESIGN §3), temperature=0.")  # fmt: skip
+    return out
+
+
+def _check(v: str, r: dict[str, Any]) -> str:
+    c = r.get("check") or {}
+    if "same_text_as_raw_pct" in c or "output_tokens" in c:
+        ot = c.get("output_tokens") or {}
+        same = c.get("same_text_as_raw_pct", 100.0 if v == "raw" else None)
+        return f"same text as raw {fmt(same)}%; output tokens {ot.get('min')}–{ot.get('max')}"
+    parts = [
+        f"{k[len('agree_with_') : -4]} {fmt(c[k])}%"
+        for k in ("agree_with_raw_pct", "agree_with_raw_guided_pct")
+        if k in c
+    ]
+    if c.get("accuracy_pct") is not None:
+        parts.append(f"accuracy {fmt(c['accuracy_pct'])}%")
+    if c.get("unparsed_labels"):
+        parts.append(f"{c['unparsed_labels']} unparsed")
+    return "same label as " + ", ".join(parts) if parts else "—"
+
+
+def markdown(d: dict[str, Any]) -> str:
+    p = d["plan"]
+    lines = [
+        f"# Batch throughput, {KIND_TITLE[p['kind']]}: raw vLLM vs turbo-batch ({d['preset']})",
+        "",
+        _machine(d),
+        "",
+    ]
+    h = d.get("headline")
+    if h:
+        base = {"raw": "raw vLLM", "ray_data_llm": "ray.data.llm (guided choice)",
+                "raw_guided": "raw vLLM (guided choice)"}[h["baseline"]]  # fmt: skip
+        others = "; ".join(
+            f"over {k[len('turbo_over_') :]} {v:.3f}" for k, v in h.items() if k.startswith("turbo_over_")
+        )
+        lines += [f"**Headline: turbo-batch / {base} = {h['ratio']:.3f}** ({h['turbo_rows_per_s']:.2f} vs "
+                  f"{h[h['baseline'] + '_rows_per_s']:.2f} rows/s, engine start excluded; target ≥ {h['target']})"
+                  + (f"; turbo-batch {others}" if others else "") + ".", ""]  # fmt: skip
+    lines += [
+        "| variant | rows | timed s | rows/s | output tok/s | method of rows/s | engine start s | process wall s | "
+        "agreement | load avg (1 min) during: mean / max |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in d["variants"]:
+        r = d["results"].get(v)
+        if not r:
+            continue
+        start = r.get("engine_start_s")
+        load = r.get("load1_during") or {}
+        shared = r.get("engine_shared_by") or []
+        lines.append(
+            f"| {v} | {r['rows']} | {fmt(r['timed_s'])} | **{fmt(r['rows_per_s'])}** | {fmt(r.get('output_tokens_per_s'), 1)} | "
+            f"{r['method']} | {fmt(start) if start is not None else 'inside the pipeline'}"
+            f"{' (one engine for ' + ', '.join(shared) + ')' if len(shared) > 1 else ''} | "
+            f"{fmt(r.get('process_wall_s'), 1)} | {_check(v, r)} | {fmt(load.get('mean'))} / {fmt(load.get('max'))} |"
+        )
+    if d.get("repeat", 1) > 1:
+        lines += ["", f"Each variant ran {d['repeat']} times, alternating; the table shows the median run. All runs, "
+                  "rows/s: " + "; ".join(f"{v} " + ", ".join(fmt(x.get("rows_per_s")) for x in d["results"][v]["runs"])
+                                         for v in d["variants"] if v in d["results"]) + "."]  # fmt: skip
+    for v, msg in (d.get("errors") or {}).items():
+        lines += ["", f"**{v} failed**: `{msg.splitlines()[0][:300]}` (its log is in the work dir)."]
+    raw = d["results"].get("raw")
+    if raw:
+        lines += ["", f"raw vLLM: engine start {raw['engine_start_s']:.1f} s; the first request took "
+                  f"{raw['first_request_s']:.2f} s and the other {p['warmup_rows'] - 1} warm-up rows "
+                  f"{raw['warmup_rest_s']:.2f} s, outside the timed call; prefix cache reset before it; "
+                  f"niceness {raw.get('niceness')}."]  # fmt: skip
+    t = d["results"].get("turbo")
+    if t:
+        lines += ["", f"turbo-batch: wall_s {t['timed_s']:.2f} s; process wall {t['process_wall_s']:.1f} s (Python + "
+                  f"Ray start + engine start {t['engine_start_s']:.1f} s + run + shutdown). Rows written: "
+                  f"{t['rows_ok']} ok, {t['rows_error']} errors; prompt token counts equal to the pre-rendered "
+                  f"ones: {t['check'].get('same_prompt_tokens')} of {t['rows']}."]  # fmt: skip
+    r = d["results"].get("ray_data_llm")
+    if r:
+        lines += ["", f"Ray Data LLM: total wall {r['total_wall_s']:.1f} s (ray.init + pipeline with engine start) → "
+                  f"{r['total_rows_per_s']:.2f} rows/s over everything; first-to-last-batch rate "
+                  f"{fmt(r.get('first_to_last_batch_rows_per_s'))} rows/s (first batch {r['first_batch_rows']} rows)."]  # fmt: skip
+    ea = p["engine_args"]
+    rows_kind = (
+        "Rotten Tomatoes `sample_rotten_tomatoes(n, seed=0)`"
+        if p["job"]["input"]["id_column"] == "review_id"
+        else "synthetic random-word texts"
+    )
+    lines += [
+        "", "## Settings (the same for every variant)", "",
+        f"- Rows: {p['rows']} ({rows_kind}); prompt tokens mean {p['prompt_tokens']['mean']} (min "
+        f"{p['prompt_tokens']['min']}, max {p['prompt_tokens']['max']}), {p['total_prompt_tokens']} in all; "
+        f"warm-up: {p['warmup_rows']} other rows.",
+        f"- Model: `{p['model']}`. Prompt: system {json.dumps(p['job']['prompt']['system'])}, user "
+        f"`{p['job']['prompt']['template']}`, the model's chat template; rendered once with "
+        "`turbo_batch.prompt.PromptBuilder`.",
+        *_sampling(d),
+        f"- Engine args (`turbo_batch.engine.profiles.engine_args`, profile `{p['device_profile']['profile']}`): "
+        f"`{json.dumps({k: v for k, v in ea.items() if k != 'model'}, sort_keys=True)}`.",
+        f"- turbo-batch job: `{json.dumps({k: p['job'][k] for k in ('output', 'cluster')})}` (cluster defaults: "
+        "one engine, batch_rows 32, rows_in_flight 2 × max_num_seqs).",
+        f"- Ray Data LLM: batch_size {p['rdl']['batch_size']}, max_concurrent_batches "
+        f"{p['rdl']['max_concurrent_batches']}, concurrency 1, `tokenized_prompt` input, chat_template/tokenize/"
+        f"detokenize stages off; placement_group_config {json.dumps(p['rdl']['placement'])}.",
+        "- Each variant ran in its own process, one after the other (no overlapping engines); Ray workers run at "
+        "niceness 15, and raw vLLM at the same.",
+    ]  # fmt: skip
+    if d.get("note"):
+        lines += ["", "## Reading", "", d["note"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,60 @@
+"""bench_batch.py's generation and 20-label presets stay runnable: a dry run builds the rows, job files
+and token ids (no engine), and generate_<family>.json gathers the generate presets' figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from turbo_batch.spec import JobSpec
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def test_dry_run_of_the_generate_and_20_label_presets(tmp_path):
+    presets = ["cpu-gen-200", "cpu-gen-10", "cpu-20labels", "gpu-gen-200", "gpu-gen-10", "gpu-20labels"]
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_batch.py"), "--preset", ",".join(presets),
+         "--rows", "12", "--dry-run", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("variants that would run: raw, turbo\n") == 4
+    assert r.stdout.count("variants that would run: raw, raw_guided, turbo, ray_data_llm") == 2
+    for p in presets:
+        w = tmp_path / "w" / p
+        job = JobSpec.model_validate(yaml.safe_load((w / "job.yaml").read_text()))
+        plan = json.loads((w / "plan.json").read_text())
+        assert pq.read_table(w / "rendered.parquet").num_rows == 12
+        if "gen" in p:
+            assert job.task.type == "generate" and job.task.max_tokens == int(p.rsplit("-", 1)[1])
+            assert job.sampling.extra == {"ignore_eos": True} and job.sampling.temperature == 0.0
+        else:
+            ids = plan["label_first_token_ids"]
+            assert job.task.type == "classify" and len(job.task.labels) == 20 and len(set(ids)) == 20
+            assert all(n == 6 for n in plan["label_tokens"])  # ~6 tokens each
+            assert plan["guided_sampling"]["max_tokens"] == 7  # the longest label + 1 (DESIGN §3)
+    gpu = [json.loads((tmp_path / "w" / p / "plan.json").read_text())["engine_args"] for p in presets[3:]]
+    assert gpu[0] == gpu[1] == gpu[2]  # so one raw vLLM engine serves every GPU preset
+    assert not (tmp_path / "r").exists()  # a dry run records nothing
+
+
+def test_generate_summary_gathers_both_presets(tmp_path):
+    from bench.report import write_generate_summary
+
+    for n, (raw, turbo) in {"200": (60.0, 59.0), "10": (200.0, 210.0)}.items():
+        d = {
+            "preset": f"gpu-gen-{n}", "date": "today", "machine": {"gpu": "H200"},
+            "plan": {"rows": 10, "prompt_tokens": {"mean": 1024.0}, "sampling": {"max_tokens": int(n)}},
+            "results": {"raw": {"rows_per_s": raw, "timed_s": 20.0}, "turbo": {"rows_per_s": turbo, "timed_s": 20.0}},
+        }  # fmt: skip
+        (tmp_path / f"batch_gpu-gen-{n}.json").write_text(json.dumps(d))
+    out = json.loads(write_generate_summary(tmp_path, "gpu").read_text())
+    assert out["gen-200"]["raw_rows_s"] == 60.0 and out["gen-200"]["turbo_rows_s"] == 59.0
+    assert abs(out["gen-200"]["ratio"] - 59 / 60) < 1e-9 and abs(out["gen-10"]["ratio"] - 1.05) < 1e-9
