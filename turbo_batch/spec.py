@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from turbo_batch.errors import SpecError
 from turbo_batch.paths import cache_dir, expand
@@ -113,6 +121,21 @@ class PromptSpec(Strict):
     )
     system: str | None = None
     chat: bool = Field(default=True, description="apply the model's chat template")
+    order: Literal["auto", "prefix", "none"] = Field(
+        default="auto",
+        description="auto/prefix: rows that share a rendered prompt prefix run together (KV cache reuse); "
+        "none: input order",
+    )
+    group_by: str | None = Field(
+        default=None, description="order rows by this column's value instead of the rendered prefix"
+    )
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by_needs_order(cls, column: str | None, info: ValidationInfo) -> str | None:
+        if column is not None and info.data.get("order") == "none":
+            raise ValueError("orders rows, so it needs prompt.order auto or prefix, not none")
+        return column
 
     @field_validator("template", "system")
     @classmethod
@@ -265,7 +288,8 @@ class JobSpec(Strict):
         meaning = {
             "input": self.input.model_dump(mode="json"),
             "task": self.task.model_dump(mode="json", by_alias=True),
-            "prompt": self.prompt.model_dump(mode="json"),
+            # the row order changes no row's output: a job resumes across a change of prompt.order
+            "prompt": self.prompt.model_dump(mode="json", exclude={"order", "group_by"}),
             "model": {
                 "path": self.model.path,
                 "tokenizer": self.model.tokenizer,

@@ -12,12 +12,17 @@ columns, see render.py).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
+from turbo_batch.batch.order import order_mode, shared_prefix
 from turbo_batch.batch.plan import Plan
 from turbo_batch.batch.pool import Pool, Slot, is_engine_loss
 from turbo_batch.batch.results import ResultBuffer
@@ -27,12 +32,14 @@ from turbo_batch.spec import JobSpec
 
 log = logging.getLogger("turbo_batch")
 REVIVE_TIMEOUT_S = 1800.0
+PREFIX_BLOCK_TOKENS = 16  # a KV cache block: sharing less than one more block is not worth a stick
 
 
 @dataclass
 class Work:
     rows: list[dict[str, Any]]
     attempts: int = 0
+    prefer: str | None = None  # the engine that has this batch's prompt prefix (affinity dispatch)
 
 
 @dataclass
@@ -53,6 +60,12 @@ class Driver:
         self.quarantine = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
         self.tag = (self.job.name or "job").replace(" ", "_")[:24]
+        # Prefix order (order.py): rows arrive sorted by prompt prefix; a batch that continues the
+        # previous batch's prefix group goes to the same engine while it has room.
+        self.ordered = order_mode(self.job) != "none"
+        self._prev_ids: Any = None  # prompt ids of the last row dispatched
+        self._common: int | None = None  # shortest prefix seen between neighbours (the job's shared part)
+        self._last_slot: str | None = None
 
     @property
     def stats(self):
@@ -91,7 +104,8 @@ class Driver:
 
         A row's verdict depends on that row alone: rows too long for every engine become
         PROMPT_TOO_LONG rows, and the others go on in groups that fit the same engines."""
-        longest = max((s.max_model_len for s in self.pool.slots), default=0)
+        lens = sorted(s.max_model_len for s in self.pool.slots)
+        longest = lens[-1] if lens else 0
         fits: dict[int, list[dict[str, Any]]] = {}
         too_long: list[dict[str, Any]] = []
         for r in work.rows:
@@ -99,11 +113,11 @@ class Driver:
             if need > longest:
                 too_long.append(r)
             else:  # rows fitting the same engines travel together (mixed clusters: several groups)
-                fits.setdefault(sum(1 for s in self.pool.slots if s.max_model_len >= need), []).append(r)
+                fits.setdefault(bisect.bisect_left(lens, need), []).append(r)
         if too_long:
             await self._too_long(Work(too_long))
         for rows in fits.values():
-            await self._dispatch(Work(rows, work.attempts))
+            await self._dispatch(Work(rows, work.attempts, work.prefer))
 
     async def _dispatch(self, work: Work) -> None:
         eligible = self._eligible(work)
@@ -112,14 +126,35 @@ class Driver:
                 free = [
                     s
                     for s in eligible
-                    if not s.reserved and (s.inflight + len(work.rows) <= s.capacity or s.inflight == 0)
+                    if not s.reserved
+                    and not s.down  # a lost engine gets no rows until it is back (Ray would queue them)
+                    and (s.inflight + len(work.rows) <= s.capacity or s.inflight == 0)
                 ]
                 if free:
-                    slot = min(free, key=lambda s: (s.inflight / s.capacity, s.max_model_len))
+                    sticky = [s for s in free if s.name == work.prefer]
+                    slot = (
+                        sticky[0]
+                        if sticky
+                        else min(free, key=lambda s: (s.inflight / s.capacity, s.max_model_len))
+                    )
                     break
                 await self.cond.wait()
             slot.inflight += len(work.rows)
+            self._last_slot = slot.name
         self._spawn(self._run(slot, work))
+
+    def _continues_group(self, rows: list[dict[str, Any]]) -> bool:
+        """True if rows[0] shares more than the job-wide common prefix (+ one KV block) with the row
+        dispatched before it: it belongs to the same prefix group, so its engine has that prefix cached."""
+        follows = False
+        for i, r in enumerate(rows):
+            if self._prev_ids is not None:
+                n = shared_prefix(self._prev_ids, r["prompt_ids"])
+                if i == 0 and self._common is not None:
+                    follows = n > self._common + PREFIX_BLOCK_TOKENS
+                self._common = n if self._common is None else min(self._common, n)
+            self._prev_ids = r["prompt_ids"]
+        return follows
 
     async def _call(self, slot: Slot, work: Work) -> list[dict[str, Any]] | None:
         """One engine call; None if the engine was lost (actor died, node lost, replica gone)."""
@@ -247,7 +282,7 @@ class Driver:
                 raise block
             self.results.set_schema(block.schema)
             errors, ok = [], []
-            for row in block.to_pylist():
+            for row in rows_of(block):
                 self.results.keep(row)
                 if row["error_code"]:
                     errors.append(
@@ -257,9 +292,32 @@ class Driver:
                     ok.append(row)
             if errors:
                 await self._accept(errors)
-            ok.sort(key=lambda r: r["prompt_tokens"] + r["budget"])  # similar lengths travel together
+            if not self.ordered:  # similar lengths travel together; prefix order keeps the sorted order
+                ok.sort(key=lambda r: r["prompt_tokens"] + r["budget"])
             for i in range(0, len(ok), batch_rows):
-                await self.submit(Work(ok[i : i + batch_rows]))
+                rows = ok[i : i + batch_rows]
+                prefer = self._last_slot if self.ordered and self._continues_group(rows) else None
+                await self.submit(Work(rows, prefer=prefer))
         while self.tasks:
             await asyncio.gather(*list(self.tasks))
         await self.results.flush()
+
+
+def rows_of(block: pa.Table) -> list[dict[str, Any]]:
+    """A rendered block's rows as dicts, with `prompt_ids` as numpy views of the block's buffer (no
+    per-token Python ints: converting ~1K ids per row was most of the driver's CPU; Ray ships the
+    arrays as buffers and the engine turns them into lists in its own process)."""
+    names = [c for c in block.column_names if c != "prompt_ids"]
+    cols = {c: block.column(c).to_pylist() for c in names}
+    ids = block.column("prompt_ids").combine_chunks()
+    if isinstance(ids, pa.ChunkedArray):  # an empty block
+        ids = pa.array([], ids.type)
+    valid = ids.is_valid().to_numpy(zero_copy_only=False)
+    offsets = ids.offsets.to_numpy()
+    values = ids.values.to_numpy(zero_copy_only=False) if len(ids.values) else np.zeros(0, np.int32)
+    rows = []
+    for i in range(block.num_rows):
+        row = {c: cols[c][i] for c in names}
+        row["prompt_ids"] = values[offsets[i] : offsets[i + 1]] if valid[i] else None
+        rows.append(row)
+    return rows

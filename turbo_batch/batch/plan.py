@@ -44,6 +44,8 @@ def _needed_columns(job: JobSpec) -> list[str]:
         names.append(job.input.id_column)
     if isinstance(job.task, ClassifyTask) and job.task.gold_column:
         names.append(job.task.gold_column)
+    if job.prompt.group_by and job.prompt.order != "none":  # read for the order stage (order.py)
+        names.append(job.prompt.group_by)
     return list(dict.fromkeys(names))
 
 
@@ -108,4 +110,6 @@ def _field_of(job: JobSpec, column: str) -> str:
         return "output.keep_columns"
     if isinstance(job.task, ClassifyTask) and column == job.task.gold_column:
         return "task.gold_column"
+    if column == job.prompt.group_by:
+        return "prompt.group_by"
     return "prompt.template"

@@ -19,9 +19,10 @@ import pyarrow as pa
 from turbo_batch.batch import openai_batch, report
 from turbo_batch.batch.driver import Driver
 from turbo_batch.batch.html_report import write_report
+from turbo_batch.batch.order import add_order, order_mode
 from turbo_batch.batch.plan import Plan, preflight
 from turbo_batch.batch.pool import EnginePool, Pool, ServePool
-from turbo_batch.batch.read import make_datasource
+from turbo_batch.batch.read import make_datasource, read_unit
 from turbo_batch.batch.render import render_block
 from turbo_batch.batch.write import OutputDir
 from turbo_batch.errors import JobError
@@ -54,7 +55,11 @@ def build_dataset(plan: Plan, committed: pa.Array | None):
         make_datasource(plan.units, plan.columns, job.input.id_column, committed),
         num_cpus=job.cluster.render_cpus,
     )
-    return ds.map_batches(
+    ordered = order_mode(job) != "none"
+    if ordered:  # order.py: rows that share a prompt prefix, grouped across the whole input (a sort)
+        sample = next(read_unit(plan.units[0], plan.columns), None) if plan.units else None
+        ds = add_order(ds, job, num_cpus=job.cluster.render_cpus, sample=sample)
+    ds = ds.map_batches(
         render_block,
         batch_format="pyarrow",
         batch_size=None,
@@ -66,6 +71,9 @@ def build_dataset(plan: Plan, committed: pa.Array | None):
             "passthrough": plan.passthrough,
         },
     )
+    if ordered:  # render tasks must hand their blocks on in the sorted order
+        ds.context.execution_options.preserve_order = True
+    return ds
 
 
 async def _produce(ds: Any, blocks: asyncio.Queue) -> None:
@@ -139,7 +147,7 @@ async def run_plan(
         write_report(plan.output_dir, summary)
         raise JobError(f"only {out.committed_rows} of {plan.total_rows} rows are committed; rerun to resume")
     if job.output.format != "parquet":  # derived from the committed parts, before _SUCCESS
-        openai_batch.write_output(plan.output_dir, [f for f, _ in plan.files], job.model.path)
+        openai_batch.write_output(plan.output_dir, job.input.paths, job.model.path)
     write_report(plan.output_dir, summary)
     out.finish(summary)
     return summary

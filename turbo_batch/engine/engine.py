@@ -74,11 +74,20 @@ class Engine:
             "model": self.model.get("path"),
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.args.get("max_num_seqs"),
+            "kv_cache_tokens": self.kv_cache_tokens(),
             "engine_args": {k: v for k, v in self.args.items() if _jsonable(v)},
             "device": describe(self.device),
             "pid": os.getpid(),
             "start_s": round(self.start_s, 2),
         }
+
+    def kv_cache_tokens(self) -> int | None:
+        """KV cache size in tokens (vLLM's blocks × block size, known once the engine has started)."""
+        try:
+            cache = self.llm.vllm_config.cache_config
+            return int(cache.num_gpu_blocks * cache.block_size) if cache.num_gpu_blocks else None
+        except Exception:  # not started, or a vLLM without these fields
+            return None
 
     async def warmup(self) -> float:
         """Run two throwaway requests so one-time costs (the first logprobs / allowed-token request pays
@@ -146,7 +155,8 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         row_id = row["row_id"]
-        ids = list(row["prompt_ids"])
+        ids = row["prompt_ids"]
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy from the batch driver
         label_ids = list(row["label_ids"]) if row.get("label_ids") is not None else None
         budget = runner.output_budget(label_ids)
         if len(ids) + budget > self.max_model_len:
