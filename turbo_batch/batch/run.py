@@ -147,7 +147,7 @@ async def run_plan(
         write_report(plan.output_dir, summary)
         raise JobError(f"only {out.committed_rows} of {plan.total_rows} rows are committed; rerun to resume")
     if job.output.format != "parquet":  # derived from the committed parts, before _SUCCESS
-        openai_batch.write_output(plan.output_dir, job.input.paths, job.model.path)
+        openai_batch.write_output(plan.output_dir, [f for f, _ in plan.files], job.model.path)
     write_report(plan.output_dir, summary)
     out.finish(summary)
     return summary
