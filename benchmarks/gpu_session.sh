@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh bench    # raw vLLM vs turbo-batch vs ray.data.llm, side by side
 #   bash benchmarks/gpu_session.sh serve    # online latency with a batch job on the same Serve engine
 #   bash benchmarks/gpu_session.sh batch-all gen   # issue 11: 1K/200 + 1K/10 generation (also unique, labels)
+#   bash benchmarks/gpu_session.sh prefix   # many-prefix rows: order stage vs raw vLLM shuffled/grouped, ~9 min
 # Results land in $OUT (the device tool brings them back) and are copied into benchmarks/results/ here.
 set -uo pipefail
 export PYTHONPATH=/root/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -30,6 +31,11 @@ case "${1:-}" in
       --out "$OUT/serve_priority_gpu.md" --json "$OUT/serve_priority_gpu.json" > "$OUT/serve.log" 2>&1
     echo "serve_priority rc=$?"; tail -40 "$OUT/serve.log"
     ;;
+  prefix)  # issue 11: 1,200 docs x 5 questions, 2 GiB KV: raw shuffled/grouped vs turbo-batch vs ray.data.llm
+    # ~9 min: 5 engine starts; --budget-s skips a run that would end past 510 s (the results say which)
+    timeout 570 python benchmarks/bench_prefix.py --preset gpu-gemma4 --workdir /root/bp --model-dir ${BB_MODEL:-/root/bb-model} \
+      --results-dir "$OUT" --budget-s 510 2>&1 | tail -40 | tee "$OUT/prefix.log"
+    ;;
   batch-all)  # issue 11 pt 3: unique 1K prompts, 1K/200 and 1K/10 generation, 20 labels; one part per command
     # One vLLM start costs ~65-75 s here and turbo-batch starts an engine per job, so the four presets do not
     # fit one 10-minute command: each part below does (estimates on an H200: unique ~6, gen ~8, labels ~8.5 min).
@@ -48,5 +54,5 @@ case "${1:-}" in
       echo "batch-all $part rc=$?"; tail -25 "$OUT/batch_$part.log"
     done
     ;;
-  *) echo "usage: $0 checks|bench|serve|batch-all [unique|gen|labels]" >&2; exit 2 ;;
+  *) echo "usage: $0 checks|bench|serve|prefix|batch-all [unique|gen|labels]" >&2; exit 2 ;;
 esac
