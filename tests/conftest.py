@@ -24,12 +24,20 @@ from tests.helpers import job_dict
 
 # Fixtures that start (or exist only for) a real Ray cluster or vLLM engine.
 HEAVY_FIXTURES = frozenset({"ray_session", "tiny_model", "tiny_pool", "served"})
+# Tests that start no engine but take over ~20 s on this 2-core box: slow lane too, to keep
+# `make test-fast` under 2 minutes (their owners may move a `slow` marker into the file instead).
+SLOW_NODEIDS = frozenset(
+    {
+        "tests/convert/test_memory.py::test_memory_stays_bounded",
+        "tests/test_bench_batch.py::test_dry_run_of_the_generate_and_20_label_presets",
+    }
+)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         # fixturenames is the whole closure: a fixture built on tiny_pool counts too
-        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid in SLOW_NODEIDS:
             item.add_marker(pytest.mark.slow)
 
 

@@ -86,6 +86,13 @@ def test_match_label(text, expected):
     assert match_label(text, CLASSIFY["labels"]) == expected
 
 
+def test_match_label_keeps_a_labels_own_spaces():
+    # guided choice outputs the label exactly; stripping it first turned a right answer into
+    # LABEL_NOT_PARSED for labels with a leading or trailing space
+    assert match_label(" yes", [" yes", " no"]) == " yes"
+    assert match_label("no ", ["yes ", "no "]) == "no "
+
+
 def test_match_label_prefers_the_longest_label():
     assert match_label("positive!", ["pos", "positive"]) == "positive"
     assert match_label("pos!", ["pos", "positive"]) == "pos"

@@ -140,6 +140,8 @@ def label_probabilities(
 
 
 def match_label(text: str, labels: Sequence[str]) -> str | None:
+    if text in labels:  # guided choice writes the label exactly, with its own spaces (" yes", "no ")
+        return text
     t = text.strip()
     if t in labels:
         return t
