@@ -201,6 +201,14 @@ def as_series(lines: Sequence[Mapping[str, Any]], points: int = 150) -> dict[str
         i = min(int((x["t"] - t0) // width), n - 1)
         s["rows"][i] += x["rows"]
         s["tok"][i] += x["prompt_tokens"] + x["output_tokens"]
+    # Engines answer in batches, so 1 s buckets alternate bursts and zeros: average each series over the
+    # typical gap between replies (the median distance between non-empty buckets).
+    busy = np.flatnonzero(sum(v["rows"] for v in out.values()))
+    k = int(np.median(np.diff(busy))) if busy.size > 2 else 1
+    if k > 1:
+        for v in out.values():
+            for key in ("rows", "tok"):
+                v[key] = np.convolve(v[key], np.ones(k) / k, mode="same")
     grid = np.arange(n + 1) * width / 60.0  # bucket edges: the last step is drawn to its end
     return {
         ("no engine (error rows)" if e == "none" else e): {

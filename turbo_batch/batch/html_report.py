@@ -52,7 +52,11 @@ class DirData:
     labels: list[str] = field(default_factory=list)
 
 
-def collect(out_dir: Path | str, summary: dict[str, Any] | None = None) -> DirData:
+def collect(
+    out_dir: Path | str, summary: dict[str, Any] | None = None, complete: bool | None = None
+) -> DirData:
+    """What the dir holds; `complete` (the run's own verdict, before `_SUCCESS` is written) overrides
+    the check for `_SUCCESS`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -92,7 +96,7 @@ def collect(out_dir: Path | str, summary: dict[str, Any] | None = None) -> DirDa
         rows=rows,
         timeline=read_timeline(path),
         summary=summary,
-        complete=(path / "_SUCCESS").is_file(),
+        complete=(path / "_SUCCESS").is_file() if complete is None else complete,
         gold=gold_out,
         labels=list(task.get("labels") or []),
     )
@@ -284,11 +288,13 @@ def render(d: DirData) -> str:
     )
 
 
-def write_report(out_dir: Path | str, summary: dict[str, Any] | None = None) -> Path | None:
+def write_report(
+    out_dir: Path | str, summary: dict[str, Any] | None = None, complete: bool | None = None
+) -> Path | None:
     """Write `_report.html` atomically; on any problem log it and return None (never fails a job)."""
     path = Path(out_dir) / REPORT
     try:
-        page = render(collect(out_dir, summary)).encode()
+        page = render(collect(out_dir, summary, complete)).encode()
         tmp = path.with_name(f".{REPORT}.{uuid.uuid4().hex[:8]}")
         tmp.write_bytes(page)
         os.replace(tmp, path)

@@ -148,7 +148,7 @@ async def run_plan(
         raise JobError(f"only {out.committed_rows} of {plan.total_rows} rows are committed; rerun to resume")
     if job.output.format != "parquet":  # derived from the committed parts, before _SUCCESS
         openai_batch.write_output(plan.output_dir, [f for f, _ in plan.files], job.model.path)
-    write_report(plan.output_dir, summary)
+    write_report(plan.output_dir, summary, complete=True)  # before _SUCCESS, the last file
     out.finish(summary)
     return summary
 
