@@ -4,7 +4,8 @@ Unit tests check the key (shared prefixes sort adjacent, group_by, determinism, 
 pipeline tests run a shuffled many-prefix input (documents × questions) through real Ray + the tiny
 vLLM engine with a pool that records the order in which the engine receives rows: with ordering on,
 each document's rows reach the engine as one run; the outputs equal an `order: none` run; a driver
-killed mid-job resumes to each row exactly once.
+killed mid-job resumes to each row exactly once. With two fake engines (tests/batch/test_driver.py's),
+affinity dispatch keeps a prefix group on one engine while it has room.
 """
 
 from __future__ import annotations
@@ -295,3 +296,60 @@ def test_ordered_job_killed_mid_way_resumes_exactly_once(ray_session, tiny_model
     assert summary["rows_skipped_already_committed"] == len(before)
     plain = {r["row_id"]: r["text"] for r in read_output(tmp_path / "plain").to_pylist()}
     assert {r["row_id"]: r["text"] for r in got} == plain
+
+
+# ------------------------------------------------------------------------ affinity dispatch (fake engines)
+
+
+def _grouped_block(groups: int, per_group: int) -> pa.Table:
+    """Rendered rows in prefix order: a 20-token common head, a 200-token prefix per group, a unique tail."""
+    rows = []
+    for g in range(groups):
+        for k in range(per_group):
+            ids = list(range(20)) + [1000 + g] * 200 + [5000 + k] * 5
+            rows.append({"row_id": g * per_group + k, "prompt_ids": ids, "label_ids": [1, 2], "budget": 1,
+                         "prompt_tokens": len(ids), "error_code": None, "error_message": None})  # fmt: skip
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.mark.parametrize("order_setting", ["auto", "none"])
+def test_a_prefix_group_sticks_to_one_engine_while_it_has_room(tmp_path, order_setting):
+    import asyncio
+    from types import SimpleNamespace
+
+    from tests.batch.test_driver import RENDERED, FakeEngine, finish
+    from turbo_batch.batch.driver import Driver
+    from turbo_batch.batch.plan import Plan
+    from turbo_batch.batch.write import OutputDir
+
+    groups, per_group = 6, 40
+
+    async def run():
+        a, b = FakeEngine("a", 1000, capacity=64), FakeEngine("b", 1000, capacity=64)
+        data = job_dict(
+            tmp_path / "m", "unused", "out", cluster={"batch_rows": 8}, prompt={"order": order_setting}
+        )
+        job = JobSpec.model_validate(data)
+        plan = Plan(job, [], [], ["text"], [], tmp_path / "out", 0, "fp")
+        d = Driver(
+            job,
+            plan,
+            SimpleNamespace(slots=[a.slot, b.slot], start_s=0.0),
+            OutputDir(tmp_path / "out", "fp", {}).open(),
+        )
+        d.results.set_schema(RENDERED)
+        q: asyncio.Queue = asyncio.Queue()
+        for blk in (_grouped_block(groups, per_group), None):
+            q.put_nowait(blk)
+        await d.consume(q)
+        got = await finish(d)
+        return a, b, got
+
+    a, b, got = asyncio.run(run())
+    assert sorted(got) == list(range(groups * per_group))
+    placed = {(i // per_group, e.name) for e in (a, b) for batch in e.batches for i in batch}
+    assert a.batches and b.batches  # both engines work
+    if order_setting == "none":
+        assert len(placed) == 2 * groups  # least loaded alternates: every group is split over both
+    else:
+        assert len(placed) <= groups + 2  # a group stays on one engine, but for a spill when it is full
