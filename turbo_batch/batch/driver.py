@@ -143,18 +143,19 @@ class Driver:
             self._last_slot = slot.name
         self._spawn(self._run(slot, work))
 
-    def _continues_group(self, rows: list[dict[str, Any]]) -> bool:
-        """True if rows[0] shares more than the job-wide common prefix (+ one KV block) with the row
-        dispatched before it: it belongs to the same prefix group, so its engine has that prefix cached."""
-        follows = False
-        for i, r in enumerate(rows):
-            if self._prev_ids is not None:
-                n = shared_prefix(self._prev_ids, r["prompt_ids"])
-                if i == 0 and self._common is not None:
-                    follows = n > self._common + PREFIX_BLOCK_TOKENS
-                self._common = n if self._common is None else min(self._common, n)
+    def _group_starts(self, ok: list[dict[str, Any]]) -> list[bool]:
+        """Per row (in prefix order): does it share no more than the job-wide common prefix (+ one KV
+        block) with the row before it, i.e. start a new prefix group? The common prefix is the shortest
+        one between neighbours so far, this block included (a block holds many groups)."""
+        shared = []
+        for r in ok:
+            shared.append(-1 if self._prev_ids is None else shared_prefix(self._prev_ids, r["prompt_ids"]))
             self._prev_ids = r["prompt_ids"]
-        return follows
+        seen = [n for n in shared if n >= 0]
+        if seen:
+            self._common = min(seen) if self._common is None else min(self._common, *seen)
+        common = self._common or 0
+        return [n < 0 or n <= common + PREFIX_BLOCK_TOKENS for n in shared]
 
     async def _call(self, slot: Slot, work: Work) -> list[dict[str, Any]] | None:
         """One engine call; None if the engine was lost (actor died, node lost, replica gone)."""
@@ -294,10 +295,9 @@ class Driver:
                 await self._accept(errors)
             if not self.ordered:  # similar lengths travel together; prefix order keeps the sorted order
                 ok.sort(key=lambda r: r["prompt_tokens"] + r["budget"])
-            for i in range(0, len(ok), batch_rows):
-                rows = ok[i : i + batch_rows]
-                prefer = self._last_slot if self.ordered and self._continues_group(rows) else None
-                await self.submit(Work(rows, prefer=prefer))
+            starts = self._group_starts(ok) if self.ordered else [True] * len(ok)
+            for i in range(0, len(ok), batch_rows):  # a batch continuing a group: its engine, if it has room
+                await self.submit(Work(ok[i : i + batch_rows], prefer=None if starts[i] else self._last_slot))
         while self.tasks:
             await asyncio.gather(*list(self.tasks))
         await self.results.flush()
