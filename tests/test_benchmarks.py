@@ -5,6 +5,7 @@ The benchmark itself (engines, timings) is not a test: its numbers live in bench
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,22 @@ def test_bench_batch_dry_run_builds_a_valid_job(tmp_path):
     assert not (tmp_path / "r").exists() or not list(
         (tmp_path / "r").glob("*.json")
     )  # a dry run records nothing
+
+
+def test_bench_serve_dry_run_plans_both_servers(tmp_path):
+    """bench_serve.py (serve parity): the tiny model, vllm serve's command line with turbo-batch's
+    resolved engine args, and a serve file that the real loader accepts; no server starts."""
+    from turbo_batch.serve.spec import ServeSpec
+
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_serve.py"), "--preset", "cpu-tiny", "--dry-run",
+         "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert "vllm.entrypoints.openai.api_server" in lines[0] and "--enforce-eager" in lines[0]
+    assert "--scheduling-policy priority" in lines[0] and "--max-model-len 1024" in lines[0]
+    ServeSpec.model_validate(json.loads(lines[1]))
+    assert lines[2] == "variants that would run: vllm, turbo-colocated, turbo, turbo-2ingress"
+    assert not (tmp_path / "r").exists()

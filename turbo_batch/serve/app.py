@@ -1,9 +1,12 @@
 """The online endpoint: `turbo-batch serve serve.yaml` deploys a Ray Serve app on the batch engine class.
 
+http.layout split (default):
     Api      (FastAPI ingress, num_cpus=0)  auth, limits, chat template → token ids, SSE, /metrics
-      │ handle calls, priority 0
+      │ handle calls, priority 0 (a stream is one streaming call; its items are coalesced deltas)
     Engine   (one replica per GPU, else a fraction of a CPU)  turbo_batch.engine.Engine (vLLM AsyncLLM)
       ▲ handle.run_rows(..., priority=job.cluster.priority)   batch jobs with cluster.engine_source=serve
+http.layout colocated: one deployment, Engine = the same routes + the engine in one process per GPU
+(colocated.py); no handle hop for tokens, batch jobs still call run_rows on it by handle.
 
 The engine runs vLLM with scheduling_policy="priority" (lower value first), so online requests (priority
 0) go ahead of waiting batch rows (priority 10 by default), and the engine replica holds batch rows back
@@ -19,7 +22,9 @@ command. Must not touch: the serve file's model (spec.py), the engine replica (r
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -41,6 +46,11 @@ from turbo_batch.serve.spec import (
 )
 
 log = logging.getLogger("turbo_batch.serve")
+# Environment of every replica (engine and ingress). TURBO_BATCH_TRACE (a file) turns on the ingress's
+# per-stage timing trace; TB_SERVE_REPLICA_ENV (JSON) adds variables, for experiments.
+REPLICA_ENV: dict[str, str] = {k: v for k in ("TURBO_BATCH_TRACE",) if (v := os.environ.get(k))} | json.loads(
+    os.environ.get("TB_SERVE_REPLICA_ENV") or "{}"
+)
 
 
 def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> Any:
@@ -55,35 +65,6 @@ def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> A
         gpus = int(ray.cluster_resources().get("GPU", 0))
     replicas = spec.engines if spec.engines != "auto" else max(gpus, 1)
     lim = spec.limits
-    engine = serve.deployment(
-        EngineReplica,
-        name=ENGINE_DEPLOYMENT,
-        num_replicas=replicas,
-        ray_actor_options={
-            "num_cpus": spec.cluster.engine_cpus,
-            "num_gpus": 1 if gpus else 0,
-            "runtime_env": {"env_vars": dict(ENGINE_ENV)},
-        },
-        # online requests + batch calls (each carries batch_rows rows) per replica
-        max_ongoing_requests=lim.max_online_per_engine + 64,
-        max_queued_requests=lim.engine_max_queued,
-        user_config=lim.model_dump(include=GATE_FIELDS),
-        max_constructor_retry_count=2,
-        health_check_period_s=10,
-        health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=30,
-    )
-    api = serve.deployment(
-        serve.ingress()(Api),
-        name=INGRESS_DEPLOYMENT,
-        num_replicas=spec.http.ingress_replicas,
-        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}},
-        # Room well past max_concurrent so our own 429 (OpenAI body, instant) answers a burst; Serve's
-        # queue in the proxy stays bounded, and its own (plain-text) rejection is a 429 too.
-        max_ongoing_requests=4 * lim.max_concurrent + 256,
-        max_queued_requests=4 * lim.max_concurrent + 256,
-        backpressure_config={"status_code": 429, "retry_after_s": 1},
-    )
     model = spec.model.model_dump(mode="json")
     config = {
         "model_name": spec.model_name,
@@ -95,6 +76,46 @@ def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> A
         },
         "api_key": key,
     }
+    env = {**ENGINE_ENV, **REPLICA_ENV}
+    engine_opts: dict[str, Any] = {
+        "name": ENGINE_DEPLOYMENT,
+        "num_replicas": replicas,
+        "ray_actor_options": {
+            "num_cpus": spec.cluster.engine_cpus,
+            "num_gpus": 1 if gpus else 0,
+            "runtime_env": {"env_vars": env},
+        },
+        # online requests + batch calls (each carries batch_rows rows) per replica
+        "max_ongoing_requests": lim.max_online_per_engine + 64,
+        "max_queued_requests": lim.engine_max_queued,
+        "user_config": lim.model_dump(include=GATE_FIELDS),
+        "max_constructor_retry_count": 2,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if spec.http.layout == "colocated":  # the engine replicas are the ingress: no hop for tokens
+        from turbo_batch.serve.colocated import EngineApi
+
+        engine_opts["max_ongoing_requests"] += 4 * lim.max_concurrent  # HTTP requests count here too
+        engine_opts["max_queued_requests"] = max(lim.engine_max_queued, 4 * lim.max_concurrent + 256)
+        dep = serve.deployment(serve.ingress()(EngineApi), **engine_opts)
+        return dep.bind(model, spec.max_labels, lim.max_online_per_engine, config)
+    engine = serve.deployment(EngineReplica, **engine_opts)
+    api = serve.deployment(
+        serve.ingress()(Api),
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=spec.http.ingress_replicas,
+        ray_actor_options={
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", **REPLICA_ENV}},
+        },
+        # Room well past max_concurrent so our own 429 (OpenAI body, instant) answers a burst; Serve's
+        # queue in the proxy stays bounded, and its own (plain-text) rejection is a 429 too.
+        max_ongoing_requests=4 * lim.max_concurrent + 256,
+        max_queued_requests=4 * lim.max_concurrent + 256,
+        backpressure_config={"status_code": 429, "retry_after_s": 1},
+    )
     return api.bind(engine.bind(model, spec.max_labels, lim.max_online_per_engine), config)
 
 

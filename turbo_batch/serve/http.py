@@ -2,10 +2,11 @@
 
 `Guard` is a pure-ASGI middleware in front of every route (no BaseHTTPMiddleware, so streaming and
 client-disconnect cancellation pass through untouched): it checks the API key with a constant-time
-compare, refuses a Content-Length over the limit (413), answers 429 once `max_concurrent` generation
+compare (every route but /health, which probes call without a key and which says only ready or not),
+refuses a Content-Length over the limit (413), answers 429 once `max_concurrent` generation
 requests are in flight, and counts every request for /metrics. The request models accept the OpenAI
 fields this server implements, ignore harmless unknown ones, and refuse templates and unsupported
-features with a 400. Routes live in serve_api.py.
+features with a 400. Routes live in ingress.py.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/classify")
 KNOWN_ROUTES = (*GENERATION_ROUTES, "/v1/models", "/health", "/metrics")
 TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "template", "prompt_template")
-UNSUPPORTED_FIELDS = (
+UNSUPPORTED_FIELDS = (  # OpenAI fields and vLLM sampling extras that would change results: refused
     "tools",
     "tool_choice",
     "functions",
@@ -32,20 +33,45 @@ UNSUPPORTED_FIELDS = (
     "logit_bias",
     "best_of",
     "suffix",
-    "top_logprobs",
+    "min_p",
+    "use_beam_search",
+    "length_penalty",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "prompt_logprobs",
+    "allowed_token_ids",
+    "bad_words",
+    "truncate_prompt_tokens",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "logits_processors",
+    "priority",
+    "echo",
 )
+INT64 = 2**63
 
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(error_body(self.message, self.type, self.code), self.status, headers=headers)
+        body = error_body(self.message, self.type, self.code, self.param)
+        return JSONResponse(body, self.status, headers=headers)
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -55,6 +81,11 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 # ---------------------------------------------------------------------------------------------- requests
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored, templates are refused
     model: str
@@ -62,12 +93,35 @@ class OpenAIRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=16)
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
+    # vLLM's sampling extras (honoured, not ignored)
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    top_k: int | None = Field(default=None, ge=-1)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for s in [v] if isinstance(v, str) else v or []:
+            if not s:
+                raise ValueError("stop strings must not be empty")
+            if len(s) > 256:
+                raise ValueError("stop strings must be at most 256 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> OpenAIRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
 
 
 class _Part(BaseModel):
@@ -88,13 +142,19 @@ class Message(BaseModel):
 class ChatRequest(OpenAIRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: Literal[False, None] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
 
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[int] | list[str]
-    logprobs: Literal[None] = None
-    echo: Literal[False] = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class ClassifyRequest(BaseModel):
@@ -110,15 +170,21 @@ def validated(cls: type[BaseModel], data: Any) -> Any:
         bad = [k for k in TEMPLATE_FIELDS if k in data]
         if bad:
             raise ApiError(400, f"{bad[0]}: templates come from the serve file, not from requests")
-        unsupported = [k for k in UNSUPPORTED_FIELDS if data.get(k) not in (None, [], {})]
+        unsupported = [k for k in UNSUPPORTED_FIELDS if data.get(k) not in (None, [], {}, False)]
         if unsupported:
-            raise ApiError(400, f"{unsupported[0]}: not supported by this server", code="unsupported")
+            raise ApiError(
+                400,
+                f"{unsupported[0]}: not supported by this server",
+                code="unsupported",
+                param=unsupported[0],
+            )
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
-        raise ApiError(400, f"{where}: {err['msg']}", code="invalid_value") from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ApiError(400, f"{where}: {msg}", code="invalid_value", param=where) from None
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -131,6 +197,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except ValueError:
         raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # e.g. 200,000 nested arrays: refused, never a 500
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from None
 
 
 # ------------------------------------------------------------------------------------------------ guard
@@ -163,6 +231,8 @@ class Guard:
             await send(msg)
 
         try:
+            if path == "/health":  # probes carry no key; the route says only ready or not
+                return await self.app(scope, receive, send_counted)
             if api.key is not None and not _authorized(headers.get(b"authorization", b""), api.key):
                 return await reply(ApiError(401, "invalid or missing API key", code="invalid_api_key"))
             length = headers.get(b"content-length", b"0")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, load_tokenizer
+from turbo_batch.serve.client import EngineClient, HandleEngine
 from turbo_batch.serve.http import (
     ApiError,
     ChatRequest,
@@ -38,7 +40,9 @@ from turbo_batch.serve.http import (
     read_json,
     validated,
 )
-from turbo_batch.serve.replica import ONLINE_PRIORITY
+from turbo_batch.serve.wire import Body, Chunks, logprobs_count, sampling
+
+LONG_TEXT = 4096  # characters: longer prompts are tokenized in a thread, off the event loop
 
 log = logging.getLogger("turbo_batch.serve")
 
@@ -49,7 +53,12 @@ class Api:
     """The ingress deployment's class (wrapped by serve.ingress() in serve.build_app)."""
 
     def __init__(self, engine: Any, config: dict[str, Any]):
-        self.engine = engine
+        # a Serve handle to the Engine deployment (split layout) or an EngineClient (colocated)
+        self.engine: EngineClient = (
+            engine if hasattr(engine, "generate") and not hasattr(engine, "options") else HandleEngine(engine)
+        )
+        trace = os.environ.get("TURBO_BATCH_TRACE")  # a JSONL file: one line of stage times per stream
+        self.trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
         self.model_name: str = config["model_name"]
         self.model: dict[str, Any] = config["model"]
         self.limits: dict[str, Any] = config["limits"]
@@ -107,10 +116,10 @@ class Api:
         return app
 
     # -- helpers ------------------------------------------------------------------------------------
-    async def info(self) -> dict[str, Any]:
+    async def engine_info(self) -> dict[str, Any]:
         if self._info is None:
             try:
-                self._info = await self.engine.info.remote()
+                self._info = await self.engine.info()
             except Exception as e:
                 raise self._engine_error(e) from None
         return self._info
@@ -129,7 +138,7 @@ class Api:
             raise ApiError(
                 400, f"max_tokens {asked} exceeds the limit {lim['max_tokens']}", code="invalid_value"
             )
-        room = int((await self.info())["max_model_len"]) - prompt_len
+        room = int((await self.engine_info())["max_model_len"]) - prompt_len
         want = asked if asked is not None else min(lim["default_max_tokens"], room)
         if want > room or room < 1:
             raise ApiError(
@@ -140,7 +149,12 @@ class Api:
             )
         return want
 
-    def _render_chat(self, messages: list[Message]) -> list[int]:
+    async def _encode(self, text: str, *, special: bool) -> list[int]:
+        if len(text) < LONG_TEXT:  # short: a thread hop costs more than the encode
+            return list(self.tokenizer.encode(text, add_special_tokens=special))
+        return list(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=special))
+
+    def _chat_text(self, messages: list[Message]) -> str:
         if len(messages) > self.limits["max_messages"]:
             raise ApiError(
                 400, f"messages: {len(messages)} messages exceed the limit {self.limits['max_messages']}"
@@ -161,9 +175,9 @@ class Api:
                 text = self.tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
             except Exception as e:
                 raise ApiError(400, f"messages: the model's chat template refused them ({e})") from None
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return text
 
-    def _render_prompt(self, prompt: str | list[int] | list[str]) -> list[int]:
+    async def _render_prompt(self, prompt: str | list[int] | list[str]) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise ApiError(400, "prompt: only one prompt per request is supported")
@@ -171,7 +185,7 @@ class Api:
         if isinstance(prompt, str):
             if not prompt:
                 raise ApiError(400, "prompt: must not be empty")
-            return list(self.tokenizer.encode(prompt))
+            return await self._encode(prompt, special=True)
         if not prompt or any(not 0 <= t < len(self.tokenizer) for t in prompt):
             raise ApiError(400, "prompt: token ids must be a non-empty list of ids in the vocabulary")
         return list(prompt)
@@ -180,6 +194,10 @@ class Api:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         name = type(e).__name__
+        if "InvalidRequest" in name or "InvalidRequest" in str(e)[:300]:  # vLLM refused this request
+            text = str(e).strip().splitlines()
+            msg = next((ln.split("InvalidRequest: ")[-1] for ln in text if "InvalidRequest" in ln), text[-1])
+            return ApiError(400, msg.strip(), code="invalid_value")
         if (
             isinstance(e, BackPressureError)
             or "EngineOverloaded" in name
@@ -195,19 +213,19 @@ class Api:
 
     # -- routes ---------------------------------------------------------------------------------------
     async def health(self) -> JSONResponse:
+        """Open to probes (no key): ready (200) or not (503), nothing else."""
         try:
-            await asyncio.wait_for(self.engine.check_health.remote(), timeout=10)
+            await asyncio.wait_for(self.engine.check_health(), timeout=10)
         except Exception as e:
-            return ApiError(
-                503, f"engine unhealthy: {type(e).__name__}", "server_error", "unhealthy"
-            ).response()
-        return JSONResponse({"status": "ok", "model": self.model_name})
+            log.warning("health check failed: %s", type(e).__name__)
+            return JSONResponse({"status": "not ready"}, 503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready"})
 
     async def prometheus(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         try:
-            info = await asyncio.wait_for(self.engine.info.remote(), timeout=2)
+            info = await asyncio.wait_for(self.engine.info(), timeout=2)
             self.metrics["engine"].labels("unfinished").set(info["unfinished"])
             self.metrics["engine"].labels("online").set(info["online"])
         except Exception:  # metrics must answer even when the engines are busy
@@ -215,7 +233,7 @@ class Api:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> JSONResponse:
-        info = await self.info()
+        info = await self.engine_info()
         card = {
             "id": self.model_name,
             "object": "model",
@@ -229,13 +247,13 @@ class Api:
     async def completions(self, request: Request) -> Response:
         req = validated(CompletionRequest, await read_json(request, self.limits["max_body_bytes"]))
         self._check_model(req.model)
-        ids = self._render_prompt(req.prompt)
+        ids = await self._render_prompt(req.prompt)
         return await self._generate(req, ids, await self._budget(len(ids), req.max_tokens), chat=False)
 
     async def chat(self, request: Request) -> Response:
         req = validated(ChatRequest, await read_json(request, self.limits["max_body_bytes"]))
         self._check_model(req.model)
-        ids = self._render_chat(req.messages)
+        ids = await self._encode(self._chat_text(req.messages), special=False)
         asked = req.max_completion_tokens or req.max_tokens
         return await self._generate(req, ids, await self._budget(len(ids), asked), chat=True)
 
@@ -262,12 +280,8 @@ class Api:
                 raise ApiError(400, f"input[{i}]: {e.message}", code=str(e.code)) from None
             await self._budget(len(ids), 1)
             rows.append({"row_id": i, "prompt_ids": ids, "label_ids": label_ids})
-        call = self.engine.classify.remote(rows, task, ONLINE_PRIORITY)
-        try:
-            results = await call
-        except asyncio.CancelledError:  # the client went away: the engine aborts the rows
-            call.cancel()
-            raise
+        try:  # a cancelled call (the client went away) aborts the rows in the engine
+            results = await self.engine.classify(rows, task)
         except Exception as e:
             raise self._engine_error(e) from None
         failed = [r for r in results if r.get("error_code")]
@@ -293,96 +307,96 @@ class Api:
 
     # -- generation -------------------------------------------------------------------------------------
     async def _generate(self, req: OpenAIRequest, ids: list[int], max_tokens: int, *, chat: bool) -> Response:
+        t_req = time.time()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop
-        params = {
-            "max_tokens": max_tokens,
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "stop": stop or None,
-            "seed": req.seed,
-            "presence_penalty": req.presence_penalty,
-            "frequency_penalty": req.frequency_penalty,
-        }
-        gen = self.engine.options(stream=True).generate.remote(
-            ids, params, rid, stream=req.stream, priority=ONLINE_PRIORITY
-        )
+        trace = self.trace is not None and req.stream
+        gen = self.engine.generate(ids, sampling(req, max_tokens), rid, stream=req.stream, trace=trace)
         try:  # the first item (or error) decides the status code, before any byte is sent
             first = await gen.__anext__()
         except StopAsyncIteration:
             first = None
         except BaseException as e:
-            gen.cancel()
+            await gen.aclose()
             if isinstance(e, Exception):
                 raise self._engine_error(e) from None
             raise
+        t_first = time.time()
         self.metrics["tokens"].labels("prompt").inc(len(ids))
-        meta = {"id": rid, "created": int(time.time()), "model": self.model_name}
+        meta = {"id": rid, "created": int(t_req), "model": self.model_name}
+        want_lp = logprobs_count(req) is not None
         if not req.stream:
-            text, n, finish = "", 0, None
+            body = Body(meta, chat, want_lp)
             try:
                 async for item in _chain(first, gen):
-                    text, n, finish = text + item["text"], n + item["tokens"], item["finish_reason"] or finish
-            except asyncio.CancelledError:  # the client went away: the engine aborts the request
-                gen.cancel()
-                raise
+                    body.add(item)
             except Exception as e:
                 raise self._engine_error(e) from None
-            self.metrics["tokens"].labels("completion").inc(n)
-            usage = {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-                return JSONResponse(
-                    {
-                        **meta,
-                        "object": "chat.completion",
-                        "choices": [{**choice, "finish_reason": finish}],
-                        "usage": usage,
-                    }
-                )
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            return JSONResponse({**meta, "object": "text_completion", "choices": [choice], "usage": usage})
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
+            finally:  # also on cancellation (the client went away): the engine aborts the request
+                await gen.aclose()
+            self.metrics["tokens"].labels("completion").inc(body.tokens)
+            return JSONResponse(body.json(len(ids)))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        stamps = {"t_req": t_req, "t_first": t_first} if trace else None
         return StreamingResponse(
-            self._sse(first, gen, meta, len(ids), chat, include_usage),
+            self._sse(first, gen, Chunks(meta, chat, want_lp), len(ids), include_usage, stamps),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def _sse(
-        self, first: Any, gen: Any, meta: dict[str, Any], prompt_len: int, chat: bool, include_usage: bool
+        self,
+        first: Any,
+        gen: Any,
+        chunks: Chunks,
+        prompt_len: int,
+        include_usage: bool,
+        stamps: dict[str, float] | None,
     ) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        n = 0
-
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-                if text:
-                    delta["content"] = text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice]})}\n\n"
-
+        n = items = 0
+        hops: list[float] = []
         try:
-            if chat:
-                yield chunk(None, None, role=True)
+            if chunks.chat:
+                yield chunks.role()
             async for item in _chain(first, gen):
                 n += item["tokens"]
-                if item["text"] or item["finish_reason"]:
-                    yield chunk(item["text"], item["finish_reason"])
+                items += 1
+                if stamps is not None:
+                    hops.append(time.time() - item["t"])
+                    if items == 1:
+                        stamps.update(t_in=item.get("t_in", item["t"]), t_engine=item["t"])
+                if item["text"] or item["finish_reason"] or item.get("logprobs"):
+                    yield chunks.delta(item)
+                    if stamps is not None and "t_sse" not in stamps:
+                        stamps["t_sse"] = time.time()
             if include_usage:
-                usage = {"prompt_tokens": prompt_len, "completion_tokens": n, "total_tokens": prompt_len + n}
-                yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
+                yield chunks.usage(prompt_len, n)
             yield "data: [DONE]\n\n"
         except Exception as e:  # mid-stream failure: an error event, then the end of the stream
             err = self._engine_error(e)
             yield f"data: {json.dumps(error_body(err.message, err.type, err.code))}\n\n"
             yield "data: [DONE]\n\n"
-        finally:  # a disconnect cancels this generator: cancel the engine call, which aborts the request
-            gen.cancel()
+        finally:  # a disconnect cancels this generator: close the engine call, which aborts the request
+            await gen.aclose()
             self.metrics["tokens"].labels("completion").inc(n)
+            if stamps is not None and self.trace is not None:
+                self._write_trace(stamps, hops, items, n)
+
+    def _write_trace(self, s: dict[str, float], hops: list[float], items: int, tokens: int) -> None:
+        """Stage times of one stream (ms): request → handle call → replica → first engine output →
+        back at the ingress → first SSE event; plus the mean replica→ingress hop over all items."""
+        ms = 1000.0
+        row = {
+            "items": items,
+            "tokens": tokens,
+            "ingress_to_replica_ms": (s.get("t_in", s["t_req"]) - s["t_req"]) * ms,
+            "engine_first_output_ms": (s.get("t_engine", s["t_req"]) - s.get("t_in", s["t_req"])) * ms,
+            "replica_to_ingress_first_ms": (s["t_first"] - s.get("t_engine", s["t_first"])) * ms,
+            "ingress_first_sse_ms": (s.get("t_sse", s["t_first"]) - s["t_first"]) * ms,
+            "server_ttft_ms": (s.get("t_sse", s["t_first"]) - s["t_req"]) * ms,
+            "hop_mean_ms": (sum(hops) / len(hops) * ms) if hops else 0.0,
+            "tokens_per_item": tokens / max(items, 1),
+        }
+        self.trace.write(json.dumps(row) + "\n")
 
 
 async def _chain(first: Any, gen: Any) -> AsyncIterator[Any]:

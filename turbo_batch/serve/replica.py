@@ -26,6 +26,38 @@ class EngineOverloaded(RuntimeError):
     """An engine replica refused an online request: its online queue is full (→ HTTP 503)."""
 
 
+class InvalidRequest(ValueError):
+    """vLLM refused one request's parameters or prompt (→ HTTP 400); other requests are untouched."""
+
+
+def sampling_params(params: dict[str, Any], stream: bool) -> Any:
+    """vLLM SamplingParams for one online request (raises InvalidRequest naming the problem)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    try:
+        return SamplingParams(**params, output_kind=kind)
+    except (ValueError, TypeError) as e:
+        raise InvalidRequest(str(e).strip().splitlines()[0]) from None
+
+
+def _logprobs(token_ids: Any, logprobs: Any, k: int) -> list[list[Any]]:
+    """[token, logprob, [[token, logprob], ...top]] per generated token (vLLM's decoded tokens)."""
+    out = []
+    for tid, lps in zip(token_ids, logprobs or (), strict=False):
+        chosen = lps.get(tid)
+        top = sorted(lps.values(), key=lambda lp: lp.rank or 0)[:k]  # the sampled token may be extra
+        out.append(
+            [
+                chosen.decoded_token if chosen and chosen.decoded_token is not None else "",
+                float(chosen.logprob) if chosen else float("-inf"),
+                [[lp.decoded_token or "", float(lp.logprob)] for lp in top],
+            ]
+        )
+    return out
+
+
 class EngineReplica:
     """A Serve replica around `Engine`: online generate/classify at priority 0 and batch `run_rows`.
 
@@ -166,20 +198,43 @@ class EngineReplica:
         *,
         stream: bool = False,
         priority: int = ONLINE_PRIORITY,
+        trace: bool = False,
     ):
-        """Yield {text, tokens, finish_reason} deltas (stream) or one final dict for one request."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        """Yield deltas {text, tokens, finish_reason[, logprobs][, t]} (stream) or one final dict.
 
-        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-        sp = SamplingParams(**params, output_kind=kind)
+        Streaming sends each vLLM delta as it comes and never waits to fill a batch: when the consumer
+        falls behind, vLLM's output collector (RequestOutputKind.DELTA) merges the deltas that piled
+        up, so the next item carries all of them — per-token when the consumer keeps up, fewer and
+        larger items under load. `logprobs` entries: [token, logprob, [[token, logprob], ...]].
+        A request that vLLM refuses (bad parameters or prompt) raises `InvalidRequest` (→ 400)."""
+        sp = sampling_params(params, stream)
+        want_lp = sp.logprobs is not None
         self._admit(1)
-        finished = False
+        finished = started = False
+        t_in = time.time() if trace else 0.0
         try:
             async for out in self.engine.stream(prompt_ids, sp, request_id, priority=priority):
+                started = True
                 comp = out.outputs[0]
                 finished = out.finished
-                yield {"text": comp.text, "tokens": len(comp.token_ids), "finish_reason": comp.finish_reason}
+                item: dict[str, Any] = {
+                    "text": comp.text,
+                    "tokens": len(comp.token_ids),
+                    "finish_reason": comp.finish_reason,
+                }
+                if want_lp:
+                    item["logprobs"] = _logprobs(comp.token_ids, comp.logprobs, sp.logprobs)
+                if trace:
+                    item["t"] = time.time()
+                    if t_in:
+                        item["t_in"], t_in = t_in, 0.0
+                yield item
+        except (ValueError, TypeError) as e:
+            if started:
+                raise
+            raise InvalidRequest(
+                str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            ) from None
         finally:
             self._release(1)
             if not finished:  # the caller went away (client disconnect): Engine.stream aborted it

@@ -58,7 +58,12 @@ class ClassifierSpec(Strict):
 class HttpSpec(Strict):
     host: str = Field(default="127.0.0.1", description="listen address of Serve's HTTP proxy")
     port: int = Field(default=8000, ge=1, le=65535)
-    ingress_replicas: int = Field(default=1, ge=1)
+    ingress_replicas: int = Field(default=1, ge=1, description="Api replicas (layout split)")
+    layout: Literal["split", "colocated"] = Field(
+        default="split",
+        description="split: an Api ingress deployment calls the Engine deployment by handle; colocated: "
+        "each Engine replica is also the HTTP ingress (one process per engine, no hop for tokens)",
+    )
 
 
 class ClusterSpec(Strict):
@@ -115,6 +120,8 @@ class ServeSpec(Strict):
     def _cross(self) -> ServeSpec:
         if self.limits.default_max_tokens > self.limits.max_tokens:
             raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
+        if self.http.layout == "colocated" and self.http.ingress_replicas != 1:
+            raise ValueError("http.ingress_replicas: with layout colocated each engine replica is an ingress")
         return self
 
     @property

@@ -1,0 +1,88 @@
+"""`turbo-batch serve` as a user runs it: a subprocess with its own Ray, the colocated layout (the
+Engine deployment is the HTTP ingress), ready on /health, streaming token by token, then SIGTERM:
+the app is undeployed, Ray stops, the process exits 0 and the port is closed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+try:
+    from tests.helpers import TINY_ENGINE
+except ImportError:  # until the shared helpers move out of conftest.py
+    from tests.conftest import TINY_ENGINE
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_serve_colocated_starts_streams_and_undeploys_on_sigterm(tiny_model, tmp_path):
+    import openai
+
+    port = _free_port()
+    spec = {
+        "name": "tb-cli",
+        "model": {"path": str(tiny_model), "engine": dict(TINY_ENGINE)},
+        "served_model_name": "tiny",
+        "http": {"host": "127.0.0.1", "port": port, "layout": "colocated"},
+        "cluster": {"num_cpus": 2, "engine_cpus": 0.5},
+        "auth": {"api_key_env": "TB_CLI_KEY"},
+    }
+    f = tmp_path / "serve.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "TB_CLI_KEY": "cli-key", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "turbo_batch.cli", "serve", str(f)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("serve did not become ready")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+        chunks = list(
+            client.completions.create(
+                model="tiny", prompt="hello", max_tokens=32, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )
+        )  # fmt: skip
+        assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 16
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        assert "serving tiny at" in out and "shutting down" in err
+        assert not _port_open(port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)

@@ -1,0 +1,128 @@
+"""The ingress without an engine start: the real Api (FastAPI routes, Guard, wire format) over a fake
+engine client. /health answers probes without the key (ready 200 / not ready 503, nothing else), every
+other route keeps the key; SSE chunks and logprobs are OpenAI-shaped; bad requests are 400s that never
+reach the engine. The real Serve app is covered in test_serve.py and test_openai_params.py."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+class FakeEngine:
+    def __init__(self):
+        self.healthy = True
+        self.calls = 0
+
+    async def info(self):
+        return {"max_model_len": 1024, "unfinished": 0, "online": 0}
+
+    async def check_health(self):
+        if not self.healthy:
+            raise RuntimeError("engine core died: secret details")
+
+    async def classify(self, rows, task):
+        return []
+
+    async def generate(self, ids, params, rid, *, stream, trace=False):
+        self.calls += 1
+        lp = [["h", -0.5, [["h", -0.5], ["x", -1.5]]]] if "logprobs" in params else None
+        yield {"text": "h", "tokens": 1, "finish_reason": None, **({"logprobs": lp} if lp else {})}
+        lp = [["i", -0.25, [["i", -0.25], ["y", -2.0]]]] if lp else None
+        yield {"text": "i", "tokens": 1, "finish_reason": "stop", **({"logprobs": lp} if lp else {})}
+
+
+@pytest.fixture()
+def client(tiny_model):
+    from turbo_batch.serve.ingress import Api
+
+    limits = {
+        "max_body_bytes": 1 << 20, "max_messages": 8, "max_tokens": 64, "default_max_tokens": 8,
+        "max_inputs": 4, "max_concurrent": 4, "max_online_per_engine": 8, "engine_max_queued": 8,
+    }  # fmt: skip
+    config = {"model_name": "tiny", "model": {"path": str(tiny_model)}, "limits": limits,
+              "classifiers": {}, "api_key": "k"}  # fmt: skip
+    engine = FakeEngine()
+    api = Api(engine, config)
+    return TestClient(api.__serve_build_asgi_app__()), engine
+
+
+def test_health_needs_no_key_and_says_only_ready_or_not(client):
+    http, engine = client
+    r = http.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
+    engine.healthy = False
+    r = http.get("/health", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 503 and r.json() == {"status": "not ready"}
+    assert "secret" not in r.text and r.headers["retry-after"] == "1"
+    engine.healthy = True
+    assert http.get("/health").status_code == 200
+
+
+def test_other_routes_keep_the_key(client):
+    http, _ = client
+    for path in ("/metrics", "/v1/models"):
+        assert http.get(path).status_code == 401
+        assert http.get(path, headers={"Authorization": "Bearer k"}).status_code == 200
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    assert http.post("/v1/completions", json=body).status_code == 401
+    r = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "hi"
+
+
+KEY = {"Authorization": "Bearer k"}
+
+
+def test_streamed_chat_chunks_and_logprobs_are_openai_shaped(client):
+    import json
+
+    http, _ = client
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    r = http.post("/v1/chat/completions", json=body, headers=KEY)
+    events = [e[6:] for e in r.text.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"]["content"] for c in chunks[1:3]] == ["h", "i"]
+    lp = chunks[1]["choices"][0]["logprobs"]["content"][0]
+    assert lp == {"token": "h", "logprob": -0.5, "bytes": [104],
+                  "top_logprobs": [{"token": "h", "logprob": -0.5, "bytes": [104]},
+                                   {"token": "x", "logprob": -1.5, "bytes": [120]}]}  # fmt: skip
+    assert chunks[2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[3]["choices"] == [] and chunks[3]["usage"] == {"prompt_tokens": chunks[3]["usage"]["prompt_tokens"],
+                                                                "completion_tokens": 2,
+                                                                "total_tokens": chunks[3]["usage"]["total_tokens"]}  # fmt: skip
+    assert all(c["id"] == chunks[0]["id"] and c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_completion_logprobs_shape(client):
+    http, _ = client
+    r = http.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "logprobs": 2}, headers=KEY
+    )
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp == {"tokens": ["h", "i"], "token_logprobs": [-0.5, -0.25],
+                  "top_logprobs": [{"h": -0.5, "x": -1.5}, {"i": -0.25, "y": -2.0}], "text_offset": [0, 1]}  # fmt: skip
+
+
+def test_bad_requests_are_400_and_never_reach_the_engine(client):
+    http, engine = client
+    cases = [
+        {"seed": 2**64},
+        {"stop": [""]},
+        {"top_k": -3},
+        {"min_p": 0.5},
+        {"stream_options": {"include_usage": True}},
+        {"logit_bias": {"1": 5}},
+    ]
+    for extra in cases:
+        r = http.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **extra}, headers=KEY
+        )
+        assert r.status_code == 400, (extra, r.text)
+        assert next(iter(extra)) in r.json()["error"]["message"]
+    deep = b"[" * 200_000 + b"]" * 200_000
+    r = http.post("/v1/completions", content=deep, headers={**KEY, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert engine.calls == 0
