@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh checks   # GPU test of the pipeline + NVFP4 (Turbo recipe) load via Marlin
 #   bash benchmarks/gpu_session.sh bench    # raw vLLM vs turbo-batch vs ray.data.llm, side by side
 #   bash benchmarks/gpu_session.sh serve    # online latency with a batch job on the same Serve engine
+#   bash benchmarks/gpu_session.sh serve-parity  # turbo-batch serve vs vllm serve (vllm bench serve), ~9 min
 #   bash benchmarks/gpu_session.sh batch-all gen   # issue 11: 1K/200 + 1K/10 generation (also unique, labels)
 #   bash benchmarks/gpu_session.sh prefix   # many-prefix rows: order stage vs raw vLLM shuffled/grouped, ~9 min
 # Results land in $OUT (the device tool brings them back) and are copied into benchmarks/results/ here.
@@ -30,6 +31,11 @@ case "${1:-}" in
       --gate '{"batch_rows_while_online": 8, "batch_rows_max": 64}' \
       --out "$OUT/serve_priority_gpu.md" --json "$OUT/serve_priority_gpu.json" > "$OUT/serve.log" 2>&1
     echo "serve_priority rc=$?"; tail -40 "$OUT/serve.log"
+    ;;
+  serve-parity)  # issue 10: 1K/200 (256 prompts) and 1K/10 (640 prompts) at concurrency 64, 4 servers
+    timeout 560 python benchmarks/bench_serve.py --preset gpu-gemma4 --workdir "$OUT/serve_parity" \
+      --model-dir ${BB_MODEL:-/root/bb-model} --trace --results-dir "$OUT" > "$OUT/serve_parity.log" 2>&1
+    echo "bench_serve rc=$?"; tail -30 "$OUT/serve_parity.log"
     ;;
   prefix)  # issue 11: 1,200 docs x 5 questions, 2 GiB KV: raw shuffled/grouped vs turbo-batch vs ray.data.llm
     # ~9 min: 5 engine starts; --budget-s skips a run that would end past 510 s (the results say which)
