@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from turbo_batch.convert import convert_app
+from turbo_batch.testing.synthetic_nvfp4 import write_synthetic_nvidia_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,6 +30,18 @@ def test_cli(converted, tmp_path):
     (tmp_path / "empty").mkdir()
     bad = runner.invoke(convert_app, ["--check", str(tmp_path / "empty")])
     assert bad.exit_code == 1 and "config.json missing" in bad.output
+
+
+def test_cli_overwrite_refuses_the_source_and_its_parent(tmp_path):
+    from typer.testing import CliRunner
+
+    src = write_synthetic_nvidia_checkpoint(tmp_path / "root" / "src", with_encoders=False)
+    before = sorted((p.name, p.stat().st_size) for p in src.iterdir())
+    runner = CliRunner()
+    for dst in (src, src.parent):
+        result = runner.invoke(convert_app, [str(src), str(dst), "--overwrite", "--quiet"])
+        assert result.exit_code == 2 and "source directory" in result.output, result.output
+    assert sorted((p.name, p.stat().st_size) for p in src.iterdir()) == before
 
 
 def test_importing_the_command_does_not_import_torch():

@@ -2,13 +2,14 @@
 
 A multimodal Gemma 4 config, small vision/audio towers, MLP in ModelOpt NVFP4, attention BF16: converted and
 checked against the ModelOpt NVFP4 tensor convention, the float64 reference quantizer (helpers.py), vLLM's own
-dequantizer, byte-identity of everything not quantized, and the config rewrite.
+dequantizer, byte-identity of everything not quantized, the config rewrite, and the destination guard.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,41 @@ def test_refuses_mismatched_group_size_and_unknown_groups(converted, tmp_path):
         convert(src, tmp_path / "a", group_size=32, progress=False)
     with pytest.raises(ValueError, match="unknown module groups"):
         convert(src, tmp_path / "b", quantize_groups=("embeddings",), progress=False)
+
+
+# ------------------------------------------------------------------------ destination guard (--overwrite)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _overlapping(tmp_path: Path, case: str) -> tuple[Path, Path, Path]:
+    """(root holding the source, source, destination that overlaps it) for one overlap case."""
+    root = tmp_path / "root"
+    src = write_synthetic_nvidia_checkpoint(root / "src", with_encoders=False)
+    if case == "equal":
+        dst = src
+    elif case == "contains":
+        dst = root
+    elif case == "inside":  # e.g. an earlier conversion written into the source dir
+        dst = src / "turbo"
+        dst.mkdir()
+        (dst / "notes.txt").write_text("an earlier output, but still under the source")
+    else:  # "symlink": another path to the source, through a symlinked parent (rmtree follows it)
+        (tmp_path / "alias").symlink_to(root, target_is_directory=True)
+        dst = tmp_path / "alias" / "src"
+    return root, src, dst
+
+
+@pytest.mark.parametrize("case", ["equal", "contains", "inside", "symlink"])
+def test_overwrite_refuses_a_destination_overlapping_the_source(tmp_path, case):
+    root, src, dst = _overlapping(tmp_path, case)
+    before = _snapshot(root)
+    with pytest.raises(ValueError, match="source directory") as e:
+        convert(src, dst, overwrite=True, progress=False)
+    assert "refusing" in str(e.value)
+    assert _snapshot(root) == before  # nothing deleted, nothing written
+    if case == "inside":  # an empty dir inside the source is still a fine destination (nothing to delete)
+        (dst / "notes.txt").unlink()
+        assert convert(src, dst, overwrite=True, progress=False)["problems"] == []

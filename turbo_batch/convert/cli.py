@@ -61,7 +61,9 @@ def convert_command(
     ] = False,
     memory_budget: Annotated[str, typer.Option(help="Working-memory budget, e.g. 512MiB, 2GiB.")] = "1GiB",
     max_shard_size: Annotated[str, typer.Option(help="Max bytes per output shard.")] = "5GB",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty DST.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty DST (never SRC, nor a dir inside or around it).")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """turbo-batch convert SRC DST | turbo-batch convert --check DIR"""

@@ -17,9 +17,9 @@ The layout decisions, each traced to the vLLM 0.32 source, are written down wher
 the four tensors per quantized linear, the scales shared across fused shards and the data-free
 `input_scale` bounds in rtn.py; the two config files and vLLM's exclusion rules in modelopt.py.
 
-Owns: `convert()` — argument checks, the destination (new, empty or replaced with `overwrite`), the plan
-(which tensor is copied, quantized or dropped), shard assignment and streaming writes, the output
-config.json / hf_quant_config.json, copied side files.
+Owns: `convert()` — argument checks, the destination guard (`--overwrite` never deletes a destination that is,
+contains or sits inside the source), the plan (which tensor is copied, quantized or dropped), shard
+assignment and streaming writes, the output config.json / hf_quant_config.json, copied side files.
 Must not touch: the NVFP4 math, the scale and bound formulas, the exclusion rules, safetensors byte layout
 (all in their own modules); the CLI's printing (cli.py).
 """
@@ -95,11 +95,27 @@ def _source_configs(src: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
 
 
 def _clear_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """Leave `dst` new or empty; a non-empty `dst` is deleted only with `overwrite`."""
-    if dst.exists() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite)")
-        shutil.rmtree(dst)
+    """Leave `dst` new or empty. A non-empty `dst` is deleted only with `overwrite`, and never when it is, contains
+    or sits inside `src` (symlinks resolved): that would delete (part of) the checkpoint being converted."""
+    if not (dst.exists() and any(dst.iterdir())):
+        return  # an empty or new dst is never deleted, so it may even sit inside src
+    s, d = src.resolve(), dst.resolve()
+    overlap = (
+        "is the source directory"
+        if d == s
+        else "contains the source directory"
+        if d in s.parents
+        else "is inside the source directory"
+        if s in d.parents
+        else None
+    )
+    if overlap:
+        raise ValueError(
+            f"destination {dst} {overlap} {src}; refusing to replace it (choose a destination outside the source)"
+        )
+    if not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite)")
+    shutil.rmtree(dst)
 
 
 def _plan(
