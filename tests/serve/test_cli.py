@@ -51,23 +51,19 @@ def test_serve_colocated_starts_streams_and_undeploys_on_sigterm(tiny_model, tmp
     f = tmp_path / "serve.yaml"
     f.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "TB_CLI_KEY": "cli-key", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "turbo_batch.cli", "serve", str(f)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-        start_new_session=True,
-    )  # fmt: skip
+    out_f, err_f = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out_f.open("w") as out, err_f.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "turbo_batch.cli", "serve", str(f)],
+            stdout=out, stderr=err, text=True, env=env, cwd=REPO, start_new_session=True,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while "Ctrl-C to stop" not in err_f.read_text():  # deployed (serve.run returned)
+            assert proc.poll() is None, err_f.read_text()[-3000:]
+            assert time.monotonic() < deadline, "serve did not become ready"
             time.sleep(1)
-        else:
-            pytest.fail("serve did not become ready")
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "ready"}
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
         chunks = list(
             client.completions.create(
@@ -78,9 +74,10 @@ def test_serve_colocated_starts_streams_and_undeploys_on_sigterm(tiny_model, tmp
         assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 16
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        err = err_f.read_text()
         assert proc.returncode == 0, err[-3000:]
-        assert "serving tiny at" in out and "shutting down" in err
+        assert "serving tiny at" in out_f.read_text() and "shutting down" in err
         assert not _port_open(port)
     finally:
         if proc.poll() is None:

@@ -199,10 +199,15 @@ def serve_command(
             )
         print(f"starting Ray and {spec.engines} engine(s) for {path} ...", file=sys.stderr)
         started = connect_ray(spec.cluster.address, num_cpus=spec.cluster.num_cpus)
+        # after ray.init (its own fatal-signal handler would otherwise take SIGTERM) and before the
+        # deploy, so a SIGTERM while the engines start also undeploys and stops Ray cleanly
+        for sig in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (nohup, &)
+            signal.signal(sig, _interrupt)
         t0 = time.monotonic()
         url = deploy(spec, key=key)
         print(
-            f"serving {spec.model_name} at {url} (app {spec.name!r}, ready in {time.monotonic() - t0:.0f} s)"
+            f"serving {spec.model_name} at {url} (app {spec.name!r}, ready in {time.monotonic() - t0:.0f} s)",
+            flush=True,
         )
         import ray
 
@@ -213,8 +218,6 @@ def serve_command(
             file=sys.stderr,
         )
         print("Ctrl-C to stop", file=sys.stderr, flush=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (nohup, &)
-            signal.signal(sig, _interrupt)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import time
 from typing import Any, Literal
 
@@ -54,6 +55,7 @@ UNSUPPORTED_FIELDS = (  # OpenAI fields and vLLM sampling extras that would chan
     "echo",
 )
 INT64 = 2**63
+ASGI_24 = os.environ.get("TB_SERVE_ASGI_SPEC_24") == "1"
 
 
 class ApiError(Exception):
@@ -215,6 +217,8 @@ class Guard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if ASGI_24:  # experiment: Starlette streams without its disconnect-listener task (ASGI 2.4)
+            scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.4"}}
         api, path = self.api, scope.get("path", "")
         route = path if path in KNOWN_ROUTES else "other"
         headers = dict(scope.get("headers") or [])
