@@ -374,16 +374,21 @@ def main() -> None:
     name = f"serve_parity_{a.preset.split('-')[0]}{a.tag}"
     results = Path(a.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    for v in variants:
-        try:
-            data["variants"][v] = run_variant(v, path, args, preset, a)
-        except Exception as e:
-            log(f"{v} failed: {e}")
-            data["variants"][v] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+    def save(v: str, result: dict[str, Any]) -> None:
+        data["variants"][v] = result
         data["turbo"] = data["variants"].get("turbo")
         data["vllm"] = data["variants"].get("vllm")
         (results / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
         (results / f"{name}.md").write_text(markdown(data))
+
+    for v in variants:
+        try:
+            run_variant(v, path, args, preset, a, lambda r, v=v: save(v, r))
+        except Exception as e:  # recorded, the other variants still run
+            log(f"{v} failed: {e}")
+            if v not in data["variants"]:
+                save(v, {"error": f"{type(e).__name__}: {e}"[:2000]})
     print(markdown(data))
 
 
