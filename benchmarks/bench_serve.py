@@ -5,7 +5,8 @@ requests (random token-id prompts of a fixed length, `ignore_eos`, a fixed outpu
 concurrency: `vllm bench serve` where it exists (`--loadgen vllm`), else a small built-in async load
 generator with the same metrics (request throughput, TTFT, ITL, TPOT; benchmarks/bench_serve_load.py).
 Variants: vllm (`python -m vllm.entrypoints.openai.api_server`), turbo (Api ingress + Engine
-deployment), turbo-2ingress (two ingress replicas), turbo-colocated (the Engine is the ingress).
+deployment), turbo-2ingress (two ingress replicas), turbo-colocated (the Engine is the ingress behind
+Serve's proxy), turbo-direct (the default layout: each Engine replica serves HTTP on its own port).
 Results are written after every variant, so one failing variant never loses the others'.
 
     python benchmarks/bench_serve.py --preset cpu-tiny             # this CPU: tiny random Gemma 4
@@ -73,7 +74,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_cpus": 16,
     },
 }
-VARIANTS = ("vllm", "turbo", "turbo-2ingress", "turbo-colocated")
+VARIANTS = ("vllm", "turbo-direct", "turbo", "turbo-2ingress", "turbo-colocated")
+LAYOUTS = {"turbo-direct": "direct", "turbo-colocated": "colocated", "turbo": "split", "turbo-2ingress": "split"}
 
 
 def log(msg: str) -> None:
@@ -137,7 +139,7 @@ def serve_file(path: Path, engine: dict[str, Any], port: int, variant: str, num_
             "host": "127.0.0.1",
             "port": port,
             "ingress_replicas": 2 if variant == "turbo-2ingress" else 1,
-            **({"layout": "colocated"} if variant == "turbo-colocated" else {}),
+            "layout": LAYOUTS[variant.removesuffix("-tp")],
         },
         "cluster": {"num_cpus": num_cpus, "engine_cpus": 1.0 if gpu else 0.5},
         "limits": {
@@ -326,7 +328,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
     ap.add_argument(
         "--variants",
-        default="vllm,turbo-colocated,turbo,turbo-2ingress",
+        default="vllm,turbo-direct,turbo,turbo-2ingress",
         help="comma-separated; a -tp suffix adds RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
     )
     ap.add_argument("--loadgen", choices=("auto", "vllm", "builtin"), default="auto")

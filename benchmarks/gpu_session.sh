@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_session.sh checks   # GPU test of the pipeline + NVFP4 (Turbo recipe) load via Marlin
 #   bash benchmarks/gpu_session.sh bench    # raw vLLM vs turbo-batch vs ray.data.llm, side by side
 #   bash benchmarks/gpu_session.sh serve    # online latency with a batch job on the same Serve engine
-#   bash benchmarks/gpu_session.sh serve-parity  # turbo-batch serve vs vllm serve (vllm bench serve), ~9 min
 #   bash benchmarks/gpu_session.sh batch-all gen   # issue 11: 1K/200 + 1K/10 generation (also unique, labels)
+#   bash benchmarks/gpu_session.sh serve-parity  # turbo-batch serve vs vllm serve (vllm bench serve), ~9 min
 #   bash benchmarks/gpu_session.sh prefix   # many-prefix rows: order stage vs raw vLLM shuffled/grouped, ~9 min
 # Results land in $OUT (the device tool brings them back) and are copied into benchmarks/results/ here.
 set -uo pipefail
@@ -21,7 +21,7 @@ case "${1:-}" in
     echo "nvfp4 load rc=$?"; tail -30 "$OUT/nvfp4_load_gpu.log"
     ;;
   bench)
-    timeout 540 python benchmarks/bench_batch.py --preset gpu-gemma4 --workdir /root/bb --model-dir /root/bb-model \
+    timeout 540 python benchmarks/bench_batch.py --preset gpu-gemma4 --workdir /root/bb --model-dir ${BB_MODEL:-/root/bb-model} \
       --results-dir "$OUT" 2>&1 | tail -40 | tee "$OUT/bench.log"
     ;;
   serve)  # online latency idle vs with a --via-serve batch job, gate values of jobs/serve_turbo.yaml
@@ -56,9 +56,30 @@ case "${1:-}" in
         *) echo "batch-all parts: unique gen labels" >&2; exit 2 ;;
       esac
       timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --workdir "/root/bb-$part" \
-        --model-dir /root/bb-model --results-dir "$OUT" --copy-logs --timeout 400 > "$OUT/batch_$part.log" 2>&1
+        --model-dir ${BB_MODEL:-/root/bb-model} --results-dir "$OUT" --copy-logs --timeout 400 > "$OUT/batch_$part.log" 2>&1
       echo "batch-all $part rc=$?"; tail -25 "$OUT/batch_$part.log"
     done
     ;;
-  *) echo "usage: $0 checks|bench|serve|prefix|batch-all [unique|gen|labels]" >&2; exit 2 ;;
+  pair)  # two of the cases above at once, one per GPU of an nvidia-h200-x2 (each sees one GPU; the host's
+    # 32 cores are shared, which the results' load figures show). The device tool returns at most 8 files,
+    # so each case's $OUT is packed into one tarball: pair-<gpu>.tgz, unpacked here into benchmarks/results.
+    # usage: gpu_session.sh pair "prefix" "serve-parity"   (a case may carry its argument: "batch-all gen")
+    pids=()
+    for gpu in 0 1; do
+      spec=${2:-}; [ "$gpu" = 1 ] && spec=${3:-}
+      [ -n "$spec" ] || continue
+      mkdir -p "/tmp/pair-$gpu"
+      # shellcheck disable=SC2086
+      (CUDA_VISIBLE_DEVICES=$gpu BB_MODEL=/root/bb-model-$gpu OUT=/tmp/pair-$gpu bash "$0" $spec > "/tmp/pair-$gpu/session.log" 2>&1;
+       echo "pair gpu$gpu '$spec' rc=$?" >> "/tmp/pair-$gpu/session.log") &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    for gpu in 0 1; do
+      [ -d "/tmp/pair-$gpu" ] || continue
+      tail -15 "/tmp/pair-$gpu/session.log"
+      tar -czf "$OUT/pair-$gpu.tgz" -C "/tmp/pair-$gpu" --exclude='*.parquet' --exclude='*.safetensors' .
+    done
+    ;;
+  *) echo "usage: $0 checks|bench|serve|serve-parity|prefix|batch-all [unique|gen|labels]|pair CASE CASE" >&2; exit 2 ;;
 esac

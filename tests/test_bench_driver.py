@@ -13,7 +13,7 @@ from turbo_batch.batch.driver import rows_of
 from turbo_batch.batch.write import read_output
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import bench_driver  # noqa: E402
+import bench_driver
 
 
 def test_driver_bench_commits_every_row_once(tmp_path):

@@ -55,5 +55,5 @@ def test_bench_serve_dry_run_plans_both_servers(tmp_path):
     assert "vllm.entrypoints.openai.api_server" in lines[0] and "--enforce-eager" in lines[0]
     assert "--scheduling-policy priority" in lines[0] and "--max-model-len 1024" in lines[0]
     ServeSpec.model_validate(json.loads(lines[1]))
-    assert lines[2] == "variants that would run: vllm, turbo-colocated, turbo, turbo-2ingress"
+    assert lines[2] == "variants that would run: vllm, turbo-direct, turbo, turbo-2ingress"
     assert not (tmp_path / "r").exists()

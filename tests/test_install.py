@@ -42,7 +42,18 @@ def installed(tmp_path_factory) -> Path:
         ignore=shutil.ignore_patterns(".venv", ".git", ".cache", "__pycache__", "*.egg-info", "build", ".*"),
     )
     r = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--disable-pip-version-check", "--no-index", str(src)],
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--no-index",
+            str(src),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

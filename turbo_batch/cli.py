@@ -42,11 +42,29 @@ def validate(job_file: Path, set_: SetOpt = None) -> None:
     """Check a job file without starting Ray or vLLM: exit 0, or 2 with every problem and its field."""
     try:
         job = load_job(job_file, set_ or [])
+        note = _check_data(job)
     except JobError as e:
         _fail(e)
     console.print(
-        f"[green]ok[/green] {job_file}: {job.task.type} job, model {job.model.path}", highlight=False
+        f"[green]ok[/green] {job_file}: {job.task.type} job, model {job.model.path}{note}", highlight=False
     )
+
+
+def _check_data(job: JobSpec) -> str:
+    """What `validate` checks beyond the file when the input is here: the prompt rendered over sample
+    rows (a template failing on all of them exits 2), sampling.extra against vLLM, max_tokens vs the
+    context. No Ray, no engine."""
+    from turbo_batch.batch.plan import check_context, check_sampling_extra
+    from turbo_batch.batch.preflight_render import check_rendering, light_plan
+
+    check_context(job)
+    check_sampling_extra(job)
+    try:
+        plan = light_plan(job)
+    except JobError as e:  # no input on this machine: the file itself is fine
+        return f" (input not checked: {e})"
+    done = check_rendering(plan)
+    return f"; prompt rendered on {done['rows']} sample row(s)" if done.get("rows") else ""
 
 
 def run(
@@ -172,6 +190,22 @@ def plan_lines(job: JobSpec) -> list[str]:
         max_labels=len(getattr(job.task, "labels", []) or []),
         model_max_len=profiles.model_context_len(job.model.path),
     )
+
+
+def report_cmd(out_dir: Path) -> None:
+    """Write OUT_DIR/_report.html from what the dir holds (complete, running or crashed) and print its path."""
+    from turbo_batch.batch.html_report import REPORT, collect, render
+
+    try:
+        page = render(collect(out_dir))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(3) from None
+    target = out_dir / REPORT
+    tmp = target.with_name(f".{REPORT}.tmp")
+    tmp.write_text(page)
+    tmp.replace(target)
+    print(target)
 
 
 # name -> function, or "module:function" for commands whose modules are imported at start (none of

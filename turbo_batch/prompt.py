@@ -14,12 +14,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateSyntaxError, meta
 
 from turbo_batch.errors import RowError
+from turbo_batch.sandbox import RENDER_SECONDS, LimitedSandbox, render_limited
 
-_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+# Limits (time per row, rendered size, range(), repetition) live in sandbox.py; every one of them,
+# and any other exception raised while a template renders, ends as that row's TEMPLATE_ERROR.
+_ENV = LimitedSandbox(autoescape=False, keep_trailing_newline=True)
 BUILTINS = ("labels", "label_descriptions", "schema")
 
 
@@ -133,18 +135,26 @@ class PromptBuilder:
     # -- rendering -------------------------------------------------------------------------------
     def render_text(self, row: Mapping[str, Any]) -> str:
         """The full prompt text for a row (chat template applied if the job asks for it)."""
+        return self.apply_chat(*self.render_parts(row))
+
+    def render_parts(self, row: Mapping[str, Any], seconds: float = RENDER_SECONDS) -> tuple[str, str | None]:
+        """The user and system text of a row (templates only, no tokenizer), under the sandbox's limits."""
         context = dict(self._context)
         for key, value in row.items():
             if value is not None:  # a null column is a missing variable: StrictUndefined raises
                 context[key] = value
         for col in self.config.text_columns:
             context[col] = clean_text(col, row.get(col))
+        which = "prompt.template"
         try:
-            user = self._user.render(context)
-            system = self._system.render(context) if self._system is not None else None
-        except TemplateError as e:
-            raise RowProblem(RowError.TEMPLATE_ERROR, f"prompt template: {e}") from None
-        return self.apply_chat(user, system)
+            user = render_limited(self._user, context, seconds=seconds)
+            which = "prompt.system"
+            system = render_limited(self._system, context, seconds=seconds) if self._system else None
+        except RecursionError:
+            raise RowProblem(RowError.TEMPLATE_ERROR, f"{which}: recursion too deep") from None
+        except Exception as e:  # the template's own failure (a TemplateError, 1/0, a limit, ...)
+            raise RowProblem(RowError.TEMPLATE_ERROR, f"{which}: {type(e).__name__}: {e}") from None
+        return user, system
 
     def apply_chat(self, user: str, system: str | None) -> str:
         if not self.config.chat:

@@ -12,14 +12,13 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -27,6 +26,12 @@ from pydantic import (
 
 from turbo_batch.errors import SpecError
 from turbo_batch.paths import cache_dir, expand
+from turbo_batch.specfile import format_errors, parse, read_yaml  # noqa: F401 (re-exported)
+
+# GPU types: keys of model.engine_by_gpu, the names of engine/profiles.py's profiles (which checks that
+# they agree), the Ray resources and node labels of the cluster files.
+GPU_TYPES: tuple[str, ...] = ("rtx-5090", "rtx-pro-6000", "b200", "h200", "h100")
+MAX_CONTEXT = 10_000_000  # tokens: above every model's context (preflight checks the model's own)
 
 
 class Strict(BaseModel):
@@ -43,7 +48,7 @@ class InputSpec(Strict):
     )
     text_columns: list[str] = Field(default=["text"], min_length=1)
     id_column: str | None = None
-    limit: int | None = Field(default=None, gt=0)
+    limit: int | None = Field(default=None, gt=0, le=2**63 - 1)
     split: str | None = Field(default=None, description="split of a saved DatasetDict")
 
     @model_validator(mode="before")
@@ -60,7 +65,7 @@ class InputSpec(Strict):
 
 class ClassifyTask(Strict):
     type: Literal["classify"]
-    labels: list[str] = Field(min_length=2)
+    labels: list[str] = Field(min_length=2, max_length=10_000)
     label_descriptions: dict[str, str] = Field(default_factory=dict)
     gold_column: str | None = Field(default=None, description="column of gold labels: the summary evaluates")
     gold_map: dict[str, str] = Field(
@@ -91,14 +96,14 @@ class ClassifyTask(Strict):
 
 class GenerateTask(Strict):
     type: Literal["generate"]
-    max_tokens: int = Field(default=128, ge=1)
+    max_tokens: int = Field(default=128, ge=1, le=MAX_CONTEXT)
     stop: list[str] = Field(default_factory=list)
 
 
 class ExtractTask(Strict):
     type: Literal["extract"]
     json_schema: dict[str, Any] = Field(alias="schema")
-    max_tokens: int = Field(default=512, ge=1)
+    max_tokens: int = Field(default=512, ge=1, le=MAX_CONTEXT)
 
     @field_validator("json_schema")
     @classmethod
@@ -162,30 +167,41 @@ class ModelSpec(Strict):
     tokenizer: str | None = None
     trust_remote_code: bool = False
 
+    @field_validator("engine")
+    @classmethod
+    def _no_remote_code_backdoor(cls, engine: dict[str, Any]) -> dict[str, Any]:
+        if "trust_remote_code" in engine:
+            raise ValueError(
+                "trust_remote_code: set model.trust_remote_code (the one switch for remote code)"
+            )
+        return engine
+
     @field_validator("engine_by_gpu")
     @classmethod
     def _gpu_types_ok(cls, by_gpu: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from turbo_batch.engine.profiles import CPU_PROFILE, GPU_TYPES
-
-        known = (*GPU_TYPES, CPU_PROFILE.name)
+        known = (*GPU_TYPES, "cpu")
         unknown = sorted(set(by_gpu) - set(known))
         if unknown:
             raise ValueError(f"unknown GPU type(s) {unknown}; known: {', '.join(known)}")
+        if any("trust_remote_code" in e for e in by_gpu.values()):
+            raise ValueError(
+                "trust_remote_code: set model.trust_remote_code (the one switch for remote code)"
+            )
         return by_gpu
 
 
 class SamplingSpec(Strict):
-    temperature: float = Field(default=0.0, ge=0.0)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)
-    seed: int | None = 0
+    top_k: int | None = Field(default=None, ge=1, le=10_000_000)
+    seed: int | None = Field(default=0, ge=-(2**63), le=2**63 - 1, description="within int64")
     extra: dict[str, Any] = Field(default_factory=dict, description="more vLLM SamplingParams fields")
 
 
 class OutputSpec(Strict):
     dir: str
     keep_columns: list[str] = Field(default_factory=list)
-    part_rows: int = Field(default=1000, ge=1, description="rows per committed parquet part")
+    part_rows: int = Field(default=1000, ge=1, le=10_000_000, description="rows per committed parquet part")
     format: Literal["parquet", "openai_batch", "both"] = Field(
         default="parquet",
         description="openai_batch/both: also openai_batch_output.jsonl, derived from the committed parts at "
@@ -195,7 +211,7 @@ class OutputSpec(Strict):
 
 class ClusterSpec(Strict):
     address: str = Field(default="local", description="local, auto, or a Ray address (host:port, ray://...)")
-    engines: int | Literal["auto"] = Field(
+    engines: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
         default="auto", description="auto = one per GPU (one on a CPU box)"
     )
     engine_source: Literal["own", "serve"] = Field(
@@ -204,18 +220,24 @@ class ClusterSpec(Strict):
     )
     serve_app: str = "turbo-batch"
     priority: int = Field(
-        default=10, ge=0, description="vLLM priority of batch rows when engine_source=serve"
+        default=10, ge=0, le=2**31 - 1, description="vLLM priority of batch rows when engine_source=serve"
     )
-    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (default: all)")
-    engine_cpus: float = Field(default=1.0, ge=0.0)
+    num_cpus: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="CPUs of a local Ray (default: all)"
+    )
+    engine_cpus: float = Field(default=1.0, ge=0.0, le=4096)
     engine_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Ray custom resources each engine actor needs (places engines on labelled nodes)",
     )
-    render_cpus: float = Field(default=0.5, gt=0.0)
-    batch_rows: int = Field(default=32, ge=1, description="rows per call to an engine")
-    rows_in_flight: int | None = Field(default=None, ge=1, description="per engine; default 2 x max_num_seqs")
-    max_attempts: int = Field(default=3, ge=1, description="tries of a row before it becomes ENGINE_ERROR")
+    render_cpus: float = Field(default=0.5, gt=0.0, le=4096)
+    batch_rows: int = Field(default=32, ge=1, le=100_000, description="rows per call to an engine")
+    rows_in_flight: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="per engine; default 2 x max_num_seqs"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="tries of a row before it becomes ENGINE_ERROR"
+    )
     reuse_engines: bool = Field(
         default=False, description="keep engines alive between jobs (detached actors)"
     )
@@ -314,81 +336,6 @@ class JobSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def _allowed_keys(model: type[BaseModel], data: Any, loc: tuple) -> list[str] | None:
-    """Field names allowed where `loc` points (walking nested models and the task's union)."""
-    current: Any = model
-    for part in loc[:-1]:
-        if (
-            not (isinstance(current, type) and issubclass(current, BaseModel))
-            or part not in current.model_fields
-        ):
-            return None
-        data = data.get(part) if isinstance(data, dict) else None
-        current = _pick_model(current.model_fields[part].annotation, data)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return sorted(f.alias or name for name, f in current.model_fields.items())
-    return None
-
-
-def _pick_model(ann: Any, data: Any) -> Any:
-    if get_origin(ann) is Annotated:
-        ann = get_args(ann)[0]
-    options = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)] or [ann]
-    if len(options) > 1 and isinstance(data, dict):
-        for opt in options:
-            literal = opt.model_fields.get("type")
-            if literal is not None and data.get("type") in get_args(literal.annotation):
-                return opt
-    return options[0]
-
-
-_UNION_TAGS = {"int", "str", "float", "bool", "dict", "list", "none", "classify", "generate", "extract"}
-
-
-def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
-
-
-def format_errors(err: ValidationError, data: Any, root: type[BaseModel]) -> list[str]:
-    """One 'field.path: message' line per field; union alternatives are merged into one line."""
-    merged: dict[str, list[str]] = {}
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not _is_union_tag(p))
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(root, data, loc)
-            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if msg not in merged.setdefault(path, []):
-            merged[path].append(msg)
-    return [f"{path}: {' or '.join(msgs)}" for path, msgs in merged.items()]
-
-
-def read_yaml(path: str | Path) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(str(path), ["(file): not found"])
-    try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SpecError(str(path), [f"(file): not valid YAML: {e}"]) from None
-    except UnicodeDecodeError:
-        raise SpecError(str(path), ["(file): not UTF-8 text"]) from None
-
-
-def parse(model: type[BaseModel], data: Any, source: str = "<dict>") -> Any:
-    if not isinstance(data, dict):
-        raise SpecError(source, ["(top level): expected a mapping of fields"])
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise SpecError(source, format_errors(e, data, model)) from None
 
 
 def expand_paths(data: Any) -> Any:

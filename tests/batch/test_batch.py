@@ -204,3 +204,15 @@ def test_engine_that_cannot_start_is_one_clear_line(ray_session, tmp_path):
         asyncio.run(EnginePool.start(job))
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith(f"cannot start vLLM engine for {bad}")
+
+
+def test_explicit_guided_method(tiny_pool, tiny_model, out_root):
+    """method: guided on labels whose first tokens differ (auto would score them in one pass)."""
+    pq.write_table(pa.table({"text": _texts(8)}), out_root / "in.parquet")
+    task = {"type": "classify", "labels": ["positive", "negative"], "method": "guided"}
+    summary = _run(tiny_pool, job_dict(tiny_model, out_root / "in.parquet", "o", task=task))
+    rows = {r["row_id"]: r for r in read_output(out_root / "o").to_pylist()}
+    assert sorted(rows) == list(range(8)) and summary["rows_ok"] == 8
+    for r in rows.values():  # guided: a generated label (more than one token: the label, then its end)
+        assert r["label"] in ("positive", "negative") and r["output_tokens"] > 1
+        assert r["probs"] == {lab: float(lab == r["label"]) for lab in ("positive", "negative")}

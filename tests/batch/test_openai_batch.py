@@ -48,6 +48,27 @@ def test_each_line_gets_the_serve_endpoints_checks():
     assert ok["_input_error"] is None and json.loads(ok["openai_body"])["messages"][0]["content"] == "hi a"
 
 
+def test_a_lines_sampling_fields_become_its_own_overrides():
+    limits = openai_batch._limits()
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 7, "stop": "END",
+            "temperature": 0.5, "seed": 3, "ignore_eos": True, "presence_penalty": 0.1}  # fmt: skip
+    row = openai_batch.parse_line(_line("s", body=body).encode(), 1, limits)
+    assert json.loads(row["openai_body"])["sampling"] == {
+        "max_tokens": 7,
+        "stop": ["END"],
+        "temperature": 0.5,
+        "seed": 3,
+        "extra": {"ignore_eos": True, "presence_penalty": 0.1},
+    }
+    plain = openai_batch.parse_line(_line("p").encode(), 1, limits)
+    assert json.loads(plain["openai_body"])["sampling"] == {}  # unset fields: the job's settings apply
+    for refused in ({"stream": True}, {"logprobs": True}):
+        r = openai_batch.parse_line(_line("r", body={**body, **refused}).encode(), 1, limits)
+        assert (
+            r["_input_error"].startswith("INVALID_REQUEST:") and "not supported in batch" in r["_input_error"]
+        )
+
+
 def test_openai_batch_needs_generate_and_uses_custom_id(tmp_path):
     job = job_dict(
         tmp_path,
@@ -87,6 +108,11 @@ def test_round_trip_on_the_real_pipeline(tiny_pool, tiny_model, out_root):
     lines += [_line(c, url="/v1/completions", body={"model": "tiny", "prompt": f"Once upon {c}", "max_tokens": 4})
               for c in good_cmpl]  # fmt: skip
     lines += [line for line, _ in BAD.values()] + ["this is not json"]
+    # a line's own max_tokens (and ignore_eos, so the random model cannot stop early) beats the job's 4
+    lines.append(_line("long", body={"model": "tiny", "max_tokens": 9, "ignore_eos": True,
+                                     "messages": [{"role": "user", "content": "count"}]}))  # fmt: skip
+    lines.append(_line("short", body={"model": "tiny", "max_tokens": 1,
+                                      "messages": [{"role": "user", "content": "one"}]}))  # fmt: skip
     lines.insert(5, _line("sys", body={"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
                                                                     {"role": "user", "content": "hello"}]}))  # fmt: skip
     (out_root / "in.jsonl").write_text("\n".join(lines) + "\n")
@@ -96,8 +122,8 @@ def test_round_trip_on_the_real_pipeline(tiny_pool, tiny_model, out_root):
     out = out_root / "out"
     assert summary["rows_error"] == len(BAD) + 1
     result = [json.loads(x) for x in (out / openai_batch.OUTPUT_FILE).read_text().splitlines()]
-    junk_id = f"_line{len(lines)}"
-    want_ids = {*good_chat, *good_cmpl, "sys", *BAD, junk_id}
+    junk_id = f"_line{lines.index('this is not json') + 1}"
+    want_ids = {*good_chat, *good_cmpl, "sys", "long", "short", *BAD, junk_id}
     ids = [r["custom_id"] for r in result]
     assert sorted(ids) == sorted(want_ids) and len(ids) == len(set(ids))  # each exactly once
     assert sorted(read_output(out).column("row_id").to_pylist()) == sorted(want_ids)
@@ -110,6 +136,8 @@ def test_round_trip_on_the_real_pipeline(tiny_pool, tiny_model, out_root):
             body.choices[0].message.content, str
         )
         assert body.usage.completion_tokens <= 4 and body.usage.prompt_tokens > 5 and body.model == "tiny"
+    assert ChatCompletion.model_validate(by_id["long"]["response"]["body"]).usage.completion_tokens == 9
+    assert ChatCompletion.model_validate(by_id["short"]["response"]["body"]).usage.completion_tokens == 1
     for cid in good_cmpl:
         body = Completion.model_validate(by_id[cid]["response"]["body"])
         assert body.object == "text_completion" and body.usage.completion_tokens <= 4

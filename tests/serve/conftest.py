@@ -9,10 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-try:
-    from tests.helpers import TINY_ENGINE
-except ImportError:  # until the shared helpers move out of conftest.py
-    from tests.conftest import TINY_ENGINE
+from tests.helpers import TINY_ENGINE
 
 LABELS = ["positive", "negative"]
 

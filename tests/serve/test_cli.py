@@ -16,10 +16,7 @@ import httpx
 import pytest
 import yaml
 
-try:
-    from tests.helpers import TINY_ENGINE
-except ImportError:  # until the shared helpers move out of conftest.py
-    from tests.conftest import TINY_ENGINE
+from tests.helpers import TINY_ENGINE
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

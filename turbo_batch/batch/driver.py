@@ -161,6 +161,7 @@ class Driver:
         """One engine call; None if the engine was lost (actor died, node lost, replica gone)."""
         payload = [
             {"row_id": r["row_id"], "prompt_ids": r["prompt_ids"], "label_ids": r["label_ids"]}
+            | ({"sampling": r["sampling"]} if r.get("sampling") else {})
             for r in work.rows
         ]
         try:

@@ -8,8 +8,9 @@ line the endpoint would answer with a 400 becomes an error row here, never a fai
   BAD_INPUT_LINE   the line is not a JSON object (its row id is `_line<N>`, N counting from 1)
   INVALID_REQUEST  a wrong method or url, a missing custom_id, or a body the endpoint refuses
 Chat bodies render with the model's chat template in the render stage (`render_ids`), as the endpoint
-renders them. The job's `task` (generate) and `sampling` apply to every line; a body's own sampling
-fields are checked, not applied per line.
+renders them. The job's `task` (generate) and `sampling` are the defaults; the sampling fields a body
+sets (max_tokens, stop, temperature, top_p, top_k, seed, penalties, min_tokens, ignore_eos) apply to
+that line alone (`line_sampling`; the engine merges them per row). stream and logprobs are refused.
 
 Output (`output.format: openai_batch` or `both`): `write_output()` derives `openai_batch_output.jsonl`
 from the committed parquet parts once every row is committed, and writes it atomically (temp file,
@@ -103,10 +104,33 @@ def parse_line(raw: bytes, lineno: int, limits: Any) -> dict[str, Any]:
             if not prompt:
                 raise ApiError(400, "prompt: must not be empty")
             norm = {"prompt": prompt}
+        if req.stream or getattr(req, "logprobs", None) or getattr(req, "top_logprobs", None):
+            raise ApiError(400, "stream and logprobs are not supported in batch files")
     except ApiError as e:
         return bad(RowError.INVALID_REQUEST, e.message)
     norm["model"] = req.model
+    norm["sampling"] = line_sampling(req)
     return {**row, BODY_COLUMN: json.dumps(norm), "_input_error": None}
+
+
+_SAMPLING = ("temperature", "top_p", "top_k", "seed")
+_EXTRA = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos")
+
+
+def line_sampling(req: Any) -> dict[str, Any]:
+    """The sampling fields a request line sets, as per-row overrides of the job's (Engine applies them):
+    {max_tokens, stop, temperature, top_p, top_k, seed, extra: {penalties, min_tokens, ignore_eos}}."""
+    given = req.model_fields_set
+    out: dict[str, Any] = {k: getattr(req, k) for k in _SAMPLING if k in given}
+    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if asked is not None:
+        out["max_tokens"] = asked
+    if "stop" in given and req.stop:
+        out["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    extra = {k: getattr(req, k) for k in _EXTRA if k in given}
+    if extra:
+        out["extra"] = extra
+    return out
 
 
 def read_rows(path: str, columns: Sequence[str]) -> Iterator[dict[str, Any]]:

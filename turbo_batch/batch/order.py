@@ -188,12 +188,15 @@ def find_anchor(job: Any, sample: pa.Table) -> int:
     """The common prefix (bytes) of the rendered prompts of up to SAMPLE_ROWS rows spread over `sample`
     (the input's first block: the same on every run, resumed or not, so keys stay deterministic)."""
     cfg = PromptConfig.from_job(job)
-    builder = _builder(cfg, job.model.tokenizer or job.model.path, job.model.trust_remote_code)
+    try:
+        builder = _builder(cfg, job.model.tokenizer or job.model.path, job.model.trust_remote_code)
+    except Exception:  # no usable tokenizer: the engine's start reports the model (exit 4); no anchor
+        return 0
     step = max(1, sample.num_rows // SAMPLE_ROWS)
     texts = []
-    for row in sample.slice(0, step * SAMPLE_ROWS).to_pylist()[::step]:
-        try:
-            texts.append(builder.render_text(row))
+    for i in range(0, min(sample.num_rows, step * SAMPLE_ROWS), step):
+        try:  # row by row: a cell with invalid UTF-8 (an INVALID_UTF8 row later) must not stop the job
+            texts.append(builder.render_text(sample.slice(i, 1).to_pylist()[0]))
         except Exception:  # an unrenderable sample row says nothing about the others
             continue
     return common_prefix_bytes(texts)

@@ -8,16 +8,16 @@ Must not touch: Ray, engines, the output dir's contents (run.py opens it), rende
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from turbo_batch.batch.read import Unit, discover, input_columns, plan_units, read_ids
+from turbo_batch.batch import hygiene
+from turbo_batch.batch.identity import fingerprint as resume_fingerprint
+from turbo_batch.batch.preflight_render import needed_columns
+from turbo_batch.batch.read import Unit, _hf_table, _jsonl_rows, discover, input_columns, plan_units, read_ids
 from turbo_batch.errors import JobError, SpecError
 from turbo_batch.paths import check_local_model
-from turbo_batch.prompt import PromptConfig, template_variables
 from turbo_batch.spec import ClassifyTask, JobSpec, resolve_output_dir
 
 
@@ -31,22 +31,7 @@ class Plan:
     output_dir: Path
     total_rows: int
     fingerprint: str
-
-
-def _needed_columns(job: JobSpec) -> list[str]:
-    cfg = PromptConfig.from_job(job)
-    names = list(job.input.text_columns)
-    for src in (cfg.user_template, cfg.system_template):
-        if src:
-            names += sorted(template_variables(src) - {"labels", "label_descriptions", "schema"})
-    names += list(job.output.keep_columns)
-    if job.input.id_column:
-        names.append(job.input.id_column)
-    if isinstance(job.task, ClassifyTask) and job.task.gold_column:
-        names.append(job.task.gold_column)
-    if job.prompt.group_by and job.prompt.order != "none":  # read for the order stage (order.py)
-        names.append(job.prompt.group_by)
-    return list(dict.fromkeys(names))
+    hygiene: hygiene.Hygiene = field(default_factory=hygiene.Hygiene)  # decisions for the read tasks
 
 
 def _check_engine_keys(job: JobSpec) -> None:
@@ -65,7 +50,7 @@ def preflight(job: JobSpec) -> Plan:
     out_dir = resolve_output_dir(job)
     files = discover(job.input.paths, job.input.format, job.input.split)
     units = plan_units(files, job.input.limit)
-    needed = _needed_columns(job)
+    needed = needed_columns(job)
     have = input_columns(files)
     if have is not None:
         missing = [c for c in needed if c not in have]
@@ -78,8 +63,9 @@ def preflight(job: JobSpec) -> Plan:
                     for c in missing
                 ],
             )
+    id_type = _id_type(job, units) if job.input.id_column else None
     if job.input.id_column:
-        ids = read_ids(units, job.input.id_column)
+        ids = read_ids(units, job.input.id_column, id_type)
         if ids.null_count:
             raise JobError(f"input.id_column: {job.input.id_column!r} has {ids.null_count} null values")
         if len(ids) != len(ids.unique()):
@@ -90,15 +76,90 @@ def preflight(job: JobSpec) -> Plan:
     if missing:
         raise JobError(f"model.path: {missing}")
     _check_engine_keys(job)
-    signature = [(Path(f).name, os.path.getsize(f)) for f, _ in files]
-    fp = hashlib.sha256((job.fingerprint() + repr(signature)).encode()).hexdigest()[:16]
-    passthrough = list(
+    check_sampling_extra(job)
+    check_context(job)
+    fp = resume_fingerprint(job, files)  # input identity + every setting that changes results
+    kept = list(
         dict.fromkeys(
             list(job.output.keep_columns)
             + ([job.task.gold_column] if isinstance(job.task, ClassifyTask) and job.task.gold_column else [])
         )
     )
-    return Plan(job, files, units, needed, passthrough, out_dir, sum(u.num_rows for u in units), fp)
+    passthrough = [hygiene.block_name(c) for c in kept]  # `row_id` etc. travel as `input_row_id`
+    hyg = hygiene.Hygiene(id_type, _kept_types(files, kept))
+    total = sum(u.num_rows for u in units)
+    plan = Plan(job, files, units, needed, passthrough, out_dir, total, fp, hyg)
+    from turbo_batch.batch.preflight_render import check_rendering
+
+    check_rendering(plan)  # a template failing on every sampled row stops here (exit 2)
+    return plan
+
+
+def _id_type(job: JobSpec, units: list[Unit]) -> str | None:
+    """'int' or 'string': every file's ids of one type (a mix is a SpecError naming both)."""
+    column = job.input.id_column
+    assert column is not None
+    kinds: dict[str, str | None] = {}
+    for path in dict.fromkeys(u.path for u in units):
+        fmt = next(u.fmt for u in units if u.path == path)
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            if column in schema.names:
+                kinds[path] = hygiene.arrow_id_kind(schema.field(column).type, path, column)
+        elif fmt == "hf":
+            kinds[path] = hygiene.arrow_id_kind(_hf_table(path).schema.field(column).type, path, column)
+        elif fmt == "jsonl":
+            values = (r.get(column) for r in _jsonl_rows(path, [column]))
+            kinds[path] = hygiene.id_kind(list(values), path, column)
+    return hygiene.one_id_kind(kinds, column)
+
+
+def _kept_types(files: list[tuple[str, str]], kept: list[str]) -> dict:
+    """One type per kept column: JSONL (no schema) → text; parquet/HF → the files' types unified."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not kept:
+        return {}
+    if any(fmt in ("jsonl", "openai_batch") for _, fmt in files):
+        return {hygiene.block_name(c): pa.string() for c in kept}
+    schemas = [(f, pq.read_schema(f) if fmt == "parquet" else _hf_table(f).schema) for f, fmt in files]
+    return hygiene.unify_kept(schemas, kept)
+
+
+def check_context(job: JobSpec) -> None:
+    """task.max_tokens must leave room for a prompt within the model's context."""
+    max_tokens = getattr(job.task, "max_tokens", None)
+    if max_tokens is None:
+        return
+    from turbo_batch.engine.profiles import model_context_len
+
+    context = job.model.engine.get("max_model_len") or model_context_len(job.model.path)
+    if isinstance(context, int) and max_tokens >= context:
+        raise SpecError(
+            "job",
+            [f"task.max_tokens: {max_tokens} leaves no room for a prompt in the context of {context} tokens"],
+        )
+
+
+def check_sampling_extra(job: JobSpec) -> None:
+    """sampling.extra must build a vLLM SamplingParams (checked when vLLM is importable)."""
+    if not job.sampling.extra or importlib.util.find_spec("vllm") is None:
+        return
+    from vllm import SamplingParams
+
+    known = set(getattr(SamplingParams, "__struct_fields__", ()) or ()) or {
+        f.name for f in dataclasses.fields(SamplingParams)
+    }
+    bad = sorted(set(job.sampling.extra) - known)
+    if bad:
+        raise SpecError("job", [f"sampling.extra.{k}: not a vLLM SamplingParams field" for k in bad])
+    try:
+        SamplingParams(**job.sampling.extra)
+    except Exception as e:
+        raise SpecError("job", [f"sampling.extra: vLLM refuses it: {type(e).__name__}: {e}"]) from None
 
 
 def _field_of(job: JobSpec, column: str) -> str:

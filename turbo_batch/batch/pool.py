@@ -5,7 +5,8 @@ the `Pool` protocol, `EnginePool` (engine actors owned by the job, or detached o
 jobs), `ServePool` (the Engine deployment of a running `turbo-batch serve` app) and
 `is_engine_loss()`. Must not touch: what rows go where (driver.py), rendering, the output dir.
 Payloads crossing Ray here are plain dicts of one documented shape: rows `{row_id, prompt_ids,
-label_ids}` in, result rows (`Engine.run_rows`) out.
+label_ids}` in (prompt_ids an int32 numpy array or a list of ints; label_ids a list or None), result
+rows (`Engine.run_rows`) out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -81,6 +83,27 @@ def engine_actor_options(job: JobSpec, index: int, use_gpu: bool) -> dict[str, A
     return opts
 
 
+ENGINE_START_S = 1800.0  # placement + model load; a 31B checkpoint on a cold disk takes minutes
+
+
+def engine_needs(job: JobSpec, use_gpu: bool) -> dict[str, float]:
+    return {"CPU": job.cluster.engine_cpus, "GPU": 1.0 if use_gpu else 0.0, **job.cluster.engine_resources}
+
+
+def check_capacity(job: JobSpec, count: int, use_gpu: bool, total: dict[str, float]) -> None:
+    """Refuse at once when the whole cluster has fewer resources than `count` engines need."""
+    short = [
+        f"{count} x {need:g} {name} > {total.get(name, 0):g} in the cluster"
+        for name, need in engine_needs(job, use_gpu).items()
+        if need and count * need > total.get(name, 0) + 1e-9
+    ]
+    if short:
+        raise EngineStartError(
+            f"the cluster cannot host {count} engine(s): {'; '.join(short)} (cluster.engines, "
+            "cluster.engine_cpus, cluster.engine_resources)"
+        )
+
+
 def max_labels(job: JobSpec) -> int:
     return len(job.task.labels) if isinstance(job.task, ClassifyTask) else 0
 
@@ -103,6 +126,7 @@ class EnginePool:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = job.cluster.engines if job.cluster.engines != "auto" else max(gpus, 1)
         use_gpu = gpus > 0
+        check_capacity(job, count, use_gpu, ray.cluster_resources())
         actor_cls = ray.remote(Engine)
         t0 = time.monotonic()
         actors = [
@@ -111,7 +135,18 @@ class EnginePool:
             )
             for i in range(count)
         ]
-        infos = await asyncio.gather(*(a.info.remote() for a in actors))
+        try:  # an engine Ray cannot place waits forever: bound it (env TURBO_BATCH_ENGINE_START_S)
+            infos = await asyncio.wait_for(
+                asyncio.gather(*(a.info.remote() for a in actors)),
+                timeout=float(os.environ.get("TURBO_BATCH_ENGINE_START_S", ENGINE_START_S)),
+            )
+        except TimeoutError:
+            for a in actors:
+                ray.kill(a)
+            raise EngineStartError(
+                f"{count} engine(s) did not start within {ENGINE_START_S:.0f} s: the cluster may not have the "
+                f"resources for them (each needs {engine_needs(job, use_gpu)})"
+            ) from None
         pool = cls([], actors, owned=not job.cluster.reuse_engines)
         failed = [i for i in infos if i["error"]]
         if failed:

@@ -16,13 +16,31 @@ from typing import Any
 from turbo_batch.batch import hygiene
 from turbo_batch.batch.read import INPUT_ERROR, attach_row_ids, clean_block, read_unit
 from turbo_batch.errors import RowError, SpecError
-from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem
+from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, template_variables
+from turbo_batch.spec import ClassifyTask
 
 FIRST = 64
 SPREAD = 64
 ROW_SECONDS = 1.0  # per row here (the render stage allows sandbox.RENDER_SECONDS)
 BUDGET_SECONDS = 20.0  # the whole check; `validate` never hangs
 MAX_TIMEOUTS = 3  # timed-out rows with no success before the check gives up on the template
+
+
+def needed_columns(job: Any) -> list[str]:
+    """Every input column the pipeline reads: text, template variables, kept, id, gold, group_by."""
+    cfg = PromptConfig.from_job(job)
+    names = list(job.input.text_columns)
+    for src in (cfg.user_template, cfg.system_template):
+        if src:
+            names += sorted(template_variables(src) - {"labels", "label_descriptions", "schema"})
+    names += list(job.output.keep_columns)
+    if job.input.id_column:
+        names.append(job.input.id_column)
+    if isinstance(job.task, ClassifyTask) and job.task.gold_column:
+        names.append(job.task.gold_column)
+    if job.prompt.group_by and job.prompt.order != "none":  # read for the order stage (order.py)
+        names.append(job.prompt.group_by)
+    return list(dict.fromkeys(names))
 
 
 def _rows(plan: Any, unit: Any, limit: int) -> list[dict[str, Any]]:
@@ -43,12 +61,11 @@ def light_plan(job: Any) -> Any:
     """Enough of a plan to sample rows (for `validate`): files, units, columns; no ids, no model."""
     from types import SimpleNamespace
 
-    from turbo_batch.batch.plan import _needed_columns
     from turbo_batch.batch.read import discover, plan_units
 
     files = discover(job.input.paths, job.input.format, job.input.split)
     units = plan_units(files, job.input.limit)
-    return SimpleNamespace(job=job, units=units, columns=_needed_columns(job), hygiene=None)
+    return SimpleNamespace(job=job, units=units, columns=needed_columns(job), hygiene=None)
 
 
 def sample_rows(plan: Any) -> list[dict[str, Any]]:
@@ -80,9 +97,12 @@ def check_rendering(plan: Any) -> dict[str, Any]:
     ok = failed = timeouts = 0
     first: tuple[Any, str] | None = None
     t0 = time.monotonic()
+    used: set[str] = set()
+    for src in (job.prompt.template, job.prompt.system):
+        used |= template_variables(src) if src else set()
     for row in sample_rows(plan):
-        if row.get(INPUT_ERROR):
-            continue
+        if row.get(INPUT_ERROR) or any(row.get(v) is None for v in used if v in row):
+            continue  # a bad or null cell is that row's problem, not evidence against the template
         try:
             builder.render_parts(hygiene.template_row(row), seconds=ROW_SECONDS)
             ok += 1

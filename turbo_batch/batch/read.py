@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from turbo_batch.batch import hygiene
 from turbo_batch.errors import JobError, RowError
 
 INPUT_ERROR = "_input_error"  # column carrying a per-row read problem (e.g. a bad JSONL line)
@@ -151,10 +152,11 @@ def _jsonl_rows(path: str, columns: Sequence[str]) -> Iterator[dict[str, Any]]:
                 obj = json.loads(text)
                 if not isinstance(obj, dict):
                     raise ValueError("not a JSON object")
-            except ValueError as e:
-                yield {INPUT_ERROR: f"{RowError.BAD_INPUT_LINE}:{path} line {lineno}: {e}"}
+            except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
+                why = "nested too deep" if isinstance(e, RecursionError) else e
+                yield {INPUT_ERROR: f"{RowError.BAD_INPUT_LINE}:{path} line {lineno}: {why}"}
                 continue
-            yield {c: obj.get(c) for c in columns}
+            yield hygiene.jsonl_row(obj, columns, f"{path} line {lineno}")
 
 
 def _column(values: list[Any]) -> pa.Array:
@@ -204,13 +206,20 @@ def read_unit(unit: Unit, columns: Sequence[str]) -> Iterator[pa.Table]:
             yield _to_table(rows, columns)
 
 
-def attach_row_ids(block: pa.Table, first_row: int, id_column: str | None) -> pa.Table:
+def attach_row_ids(
+    block: pa.Table, first_row: int, id_column: str | None, id_type: str | None = None
+) -> pa.Table:
     if id_column is None:
         ids = pa.array(range(first_row, first_row + block.num_rows), pa.int64())
-    else:
-        ids = block.column(id_column)
-        ids = ids.cast(pa.int64()) if pa.types.is_integer(ids.type) else ids.cast(pa.string())
+    else:  # a row with a read problem and no readable id gets one from its position (hygiene.py)
+        ids = hygiene.fill_ids(block, first_row, id_column, id_type)
     return block.add_column(0, "row_id", ids)
+
+
+def clean_block(block: pa.Table, hyg: hygiene.Hygiene | None) -> pa.Table:
+    """Input names clashing with the pipeline's renamed, bad UTF-8 per row, kept columns one type."""
+    block = hygiene.check_utf8(hygiene.rename_block(block))
+    return hygiene.cast_kept(block, hyg.kept_types) if hyg is not None else block
 
 
 def drop_committed(block: pa.Table, committed: pa.Array | None) -> pa.Table:
@@ -220,15 +229,23 @@ def drop_committed(block: pa.Table, committed: pa.Array | None) -> pa.Table:
     return block.filter(keep)
 
 
-def _read_fn(unit: Unit, columns: tuple[str, ...], id_column: str | None, committed_ref: Any):
+def _read_fn(
+    unit: Unit,
+    columns: tuple[str, ...],
+    id_column: str | None,
+    committed_ref: Any,
+    hyg: hygiene.Hygiene | None = None,
+):
     def read() -> Iterator[pa.Table]:
         import ray
 
         committed = ray.get(committed_ref) if committed_ref is not None else None
         offset = unit.first_row
+        id_type = hyg.id_type if hyg is not None else None
         for block in read_unit(unit, columns):
             n = block.num_rows
-            block = drop_committed(attach_row_ids(block, offset, id_column), committed)
+            block = clean_block(block, hyg)
+            block = drop_committed(attach_row_ids(block, offset, id_column, id_type), committed)
             offset += n
             if block.num_rows:
                 yield block
@@ -237,7 +254,11 @@ def _read_fn(unit: Unit, columns: tuple[str, ...], id_column: str | None, commit
 
 
 def make_datasource(
-    units: Sequence[Unit], columns: Sequence[str], id_column: str | None, committed: pa.Array | None
+    units: Sequence[Unit],
+    columns: Sequence[str],
+    id_column: str | None,
+    committed: pa.Array | None,
+    hyg: hygiene.Hygiene | None = None,
 ):
     """A Ray Data Datasource over the planned units (imports Ray)."""
     import ray
@@ -256,7 +277,7 @@ def make_datasource(
         ):
             return [
                 ReadTask(
-                    _read_fn(u, cols, id_column, committed_ref),
+                    _read_fn(u, cols, id_column, committed_ref, hyg),
                     BlockMetadata(
                         num_rows=None, size_bytes=u.num_rows * 512, exec_stats=None, input_files=[u.path]
                     ),
@@ -270,10 +291,14 @@ def make_datasource(
     return RowSource()
 
 
-def read_ids(units: Sequence[Unit], id_column: str) -> pa.ChunkedArray:
+def read_ids(units: Sequence[Unit], id_column: str, id_type: str | None = None) -> pa.ChunkedArray:
     """All ids of the input in order (to check uniqueness before a job starts)."""
     chunks = []
     for u in units:
+        offset = u.first_row
         for block in read_unit(u, [id_column]):
-            chunks.append(attach_row_ids(block, u.first_row, id_column).column("row_id"))
+            n = block.num_rows
+            block = clean_block(block, None)
+            chunks.append(attach_row_ids(block, offset, id_column, id_type).column("row_id"))
+            offset += n
     return pa.chunked_array(chunks) if chunks else pa.chunked_array([], pa.int64())

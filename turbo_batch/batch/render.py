@@ -16,12 +16,20 @@ from typing import Any
 
 import pyarrow as pa
 
-from turbo_batch.batch import openai_batch
+from turbo_batch.batch import hygiene, openai_batch
 from turbo_batch.batch.read import INPUT_ERROR
 from turbo_batch.errors import RowError
 from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, load_tokenizer
 
-RENDERED_COLUMNS = ("prompt_ids", "label_ids", "budget", "prompt_tokens", "error_code", "error_message")
+RENDERED_COLUMNS = (
+    "prompt_ids",
+    "label_ids",
+    "budget",
+    "prompt_tokens",
+    "error_code",
+    "error_message",
+    "sampling",
+)
 
 _BUILDERS: dict[str, tuple[PromptBuilder, Any]] = {}
 
@@ -54,28 +62,36 @@ def render_block(
         if col in block.column_names and pa.types.is_string(block.schema.field(col).type):
             idx = block.column_names.index(col)
             block = block.set_column(idx, col, block.column(col).cast(pa.binary()))
-    prompt_ids, label_ids, budgets, ntok, codes, messages = [], [], [], [], [], []
+    prompt_ids, label_ids, budgets, ntok, codes, messages, overrides = [], [], [], [], [], [], []
     for row in block.to_pylist():
         ids: list[int] | None = None
         labels: list[int] | None = None
         code = message = None
+        override: dict[str, Any] | None = None
         if row.get(INPUT_ERROR):
             code, _, message = row[INPUT_ERROR].partition(":")
         elif row.get(openai_batch.BODY_COLUMN):  # an OpenAI batch request line (openai_batch.py)
             try:
                 ids = openai_batch.render_ids(builder.tokenizer, row)
+                override = json.loads(row[openai_batch.BODY_COLUMN]).get("sampling") or None
             except ValueError as e:
                 code, message = str(RowError.INVALID_REQUEST), str(e)
         else:
             try:
-                ids, labels = builder.build(row)
+                ids, labels = builder.build(hygiene.template_row(row))  # input's own names
             except RowProblem as e:
                 code, message = str(e.code), e.message
             except Exception as e:  # a tokenizer failure on odd input must not stop the job
                 code, message = str(RowError.INTERNAL_ERROR), f"render: {type(e).__name__}: {e}"
         prompt_ids.append(ids)
         label_ids.append(labels)
-        budgets.append(runner.output_budget(labels) if ids is not None else None)
+        if ids is None:
+            budgets.append(None)
+        elif override and override.get("max_tokens"):  # a request line's own max_tokens
+            budgets.append(int(override["max_tokens"]))
+        else:
+            budgets.append(runner.output_budget(labels))
+        overrides.append(json.dumps(override) if override else None)
         ntok.append(len(ids) if ids is not None else None)
         codes.append(code)
         messages.append(message)
@@ -90,6 +106,7 @@ def render_block(
             "prompt_tokens": pa.array(ntok, pa.int32()),
             "error_code": pa.array(codes, pa.string()),
             "error_message": pa.array(messages, pa.string()),
+            "sampling": pa.array(overrides, pa.string()),  # per-row overrides (JSON) or null
         }
     )
     return pa.table(cols)

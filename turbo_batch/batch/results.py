@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from turbo_batch.batch import report
+from turbo_batch.batch.hygiene import block_name
 from turbo_batch.batch.timeline import Timeline
 from turbo_batch.batch.write import OutputDir
 from turbo_batch.spec import ClassifyTask, ExtractTask, JobSpec
@@ -92,7 +93,7 @@ class ResultBuffer:
         gold = task.gold_column if isinstance(task, ClassifyTask) else None
         self.stats = report.Stats(
             task.labels if isinstance(task, ClassifyTask) else (),
-            self.out_names[gold] if gold else None,
+            self.out_names[block_name(gold)] if gold else None,
             task.gold_map if isinstance(task, ClassifyTask) else None,
         )
         self.schema: pa.Schema | None = None

@@ -19,6 +19,7 @@ import pyarrow as pa
 from turbo_batch.batch import openai_batch, report
 from turbo_batch.batch.driver import Driver
 from turbo_batch.batch.html_report import write_report
+from turbo_batch.batch.lock import OutputLock
 from turbo_batch.batch.order import add_order, order_mode
 from turbo_batch.batch.plan import Plan, preflight
 from turbo_batch.batch.pool import EnginePool, Pool, ServePool
@@ -52,7 +53,7 @@ def build_dataset(plan: Plan, committed: pa.Array | None):
         logging.getLogger(name).setLevel(logging.WARNING)
     job = plan.job
     ds = ray.data.read_datasource(
-        make_datasource(plan.units, plan.columns, job.input.id_column, committed),
+        make_datasource(plan.units, plan.columns, job.input.id_column, committed, plan.hygiene),
         num_cpus=job.cluster.render_cpus,
     )
     ordered = order_mode(job) != "none"
@@ -170,14 +171,15 @@ def run_job(
 ) -> dict[str, Any]:
     """Run a job end to end (the `turbo-batch run` command without the printing)."""
     plan = preflight(job)
-    out = open_output(plan, restart=restart, force=force)
-    if on_open is not None:  # the CLI says what is resumed before Ray starts
-        on_open(plan, out)
-    started = init_ray(job)
-    try:
-        return asyncio.run(run_plan(plan, out, pool=pool, progress=progress))
-    finally:
-        if started:
-            import ray
+    with OutputLock(plan.output_dir):  # one writer per output dir, before anything is written (lock.py)
+        out = open_output(plan, restart=restart, force=force)
+        if on_open is not None:  # the CLI says what is resumed before Ray starts
+            on_open(plan, out)
+        started = init_ray(job)
+        try:
+            return asyncio.run(run_plan(plan, out, pool=pool, progress=progress))
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()

@@ -147,7 +147,23 @@ class Engine:
         if self.llm is None:
             raise RuntimeError(self.error or "engine not started")
         runner = self.runner(task, sampling)
-        return list(await asyncio.gather(*(self._row(runner, r, priority, tag) for r in rows)))
+        return list(
+            await asyncio.gather(*(self._row(self._runner_for(runner, r), r, priority, tag) for r in rows))
+        )
+
+    def _runner_for(self, runner: TaskRunner, row: Mapping[str, Any]) -> TaskRunner:
+        """A row's own sampling (an OpenAI batch line's max_tokens, stop, temperature, ...) over the job's."""
+        raw = row.get("sampling")
+        if not raw:
+            return runner
+        over = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        task = dict(runner.task)
+        for key in ("max_tokens", "stop"):
+            if over.get(key) is not None:
+                task[key] = over[key]
+        sampling = {**runner.sampling, **{k: v for k, v in over.items() if k not in ("max_tokens", "stop")}}
+        sampling["extra"] = {**(runner.sampling.get("extra") or {}), **(over.get("extra") or {})}
+        return self.runner(task, sampling)
 
     async def _row(
         self, runner: TaskRunner, row: Mapping[str, Any], priority: int, tag: str

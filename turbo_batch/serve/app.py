@@ -94,7 +94,9 @@ def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> A
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 30,
     }
-    if spec.http.layout == "colocated":  # the engine replicas are the ingress: no hop for tokens
+    if spec.http.layout == "direct":  # each engine replica serves HTTP itself (direct.py)
+        config["direct"] = {"host": spec.http.host, "port": spec.http.port}
+    if spec.http.layout in ("colocated", "direct"):  # the engine replicas are the ingress: no hop for tokens
         from turbo_batch.serve.colocated import EngineApi
 
         engine_opts["max_ongoing_requests"] += 4 * lim.max_concurrent  # HTTP requests count here too
@@ -132,12 +134,31 @@ def deploy(spec: ServeSpec, *, key: str | None) -> str:
     """Deploy the app on the connected Ray cluster and wait until it is running; returns the base URL."""
     from ray import serve
 
-    serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
+    if spec.http.layout == "direct":  # the replicas listen on http.port themselves: no Serve proxy
+        serve.start(http_options={"location": "NoServer"})
+    else:
+        serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
     try:
         serve.run(build_app(spec, key=key), name=spec.name, route_prefix="/")
     except Exception as e:
         raise EngineStartError(_deploy_error(spec, e)) from None
+    if spec.http.layout == "direct":
+        urls = replica_urls(spec)
+        return urls[0] if urls else url_of(spec)
     return url_of(spec)
+
+
+def replica_urls(spec: ServeSpec, tries: int = 16) -> list[str]:
+    """Layout direct: the URL each engine replica serves on (http.port, or the next free one)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=spec.name)
+    urls: set[str] = set()
+    for _ in range(tries):  # calls are spread over the replicas; a few per replica find them all
+        url = handle.info.remote().result(timeout_s=30).get("http_url")
+        if url:
+            urls.add(url)
+    return sorted(urls, key=lambda u: int(u.rsplit(":", 1)[1].split("/")[0]))
 
 
 def _deploy_error(spec: ServeSpec, e: Exception) -> str:
@@ -209,6 +230,9 @@ def serve_command(
             f"serving {spec.model_name} at {url} (app {spec.name!r}, ready in {time.monotonic() - t0:.0f} s)",
             flush=True,
         )
+        others = replica_urls(spec)[1:] if spec.http.layout == "direct" else []
+        if others:
+            print(f"more engine replicas on this host: {', '.join(others)}", file=sys.stderr)
         import ray
 
         gcs = ray.get_runtime_context().gcs_address

@@ -12,6 +12,7 @@ features with a 400. Routes live in ingress.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -19,7 +20,7 @@ import time
 from typing import Any, Literal
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/classify")
@@ -308,3 +309,30 @@ def make_metrics() -> tuple[Any, dict[str, Any]]:
             "turbo_batch_engine_requests", "requests in one engine replica", ["kind"], registry=reg
         ),
     }
+
+
+async def until_disconnect(request: Request, work: Any) -> Any:
+    """Run a route's work (after its body was read) until it ends or the client disconnects; then the
+    work is cancelled, which aborts its engine request. Ray Serve's proxy cancels requests on a
+    disconnect itself; a replica serving HTTP directly (layout direct) learns it only from ASGI's
+    http.disconnect, as `vllm serve` does. A streamed response is returned early and watches on its own."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody reads it: the client is gone

@@ -38,6 +38,7 @@ from turbo_batch.serve.http import (
     error_body,
     make_metrics,
     read_json,
+    until_disconnect,
     validated,
 )
 from turbo_batch.serve.wire import Body, Chunks, logprobs_count, sampling
@@ -246,12 +247,18 @@ class Api:
 
     async def completions(self, request: Request) -> Response:
         req = validated(CompletionRequest, await read_json(request, self.limits["max_body_bytes"]))
+        return await until_disconnect(request, self._completions(req))
+
+    async def _completions(self, req: CompletionRequest) -> Response:
         self._check_model(req.model)
         ids = await self._render_prompt(req.prompt)
         return await self._generate(req, ids, await self._budget(len(ids), req.max_tokens), chat=False)
 
     async def chat(self, request: Request) -> Response:
         req = validated(ChatRequest, await read_json(request, self.limits["max_body_bytes"]))
+        return await until_disconnect(request, self._chat(req))
+
+    async def _chat(self, req: ChatRequest) -> Response:
         self._check_model(req.model)
         ids = await self._encode(self._chat_text(req.messages), special=False)
         asked = req.max_completion_tokens or req.max_tokens
@@ -259,6 +266,9 @@ class Api:
 
     async def classify(self, request: Request) -> JSONResponse:
         req = validated(ClassifyRequest, await read_json(request, self.limits["max_body_bytes"]))
+        return await until_disconnect(request, self._classify(req))
+
+    async def _classify(self, req: ClassifyRequest) -> JSONResponse:
         self._check_model(req.model)
         name = req.classifier or (next(iter(self.classifiers)) if len(self.classifiers) == 1 else None)
         if name is None or name not in self.classifiers:
