@@ -6,7 +6,8 @@ compare (every route but /health, which probes call without a key and which says
 refuses a Content-Length over the limit (413), answers 429 once `max_concurrent` generation
 requests are in flight, and counts every request for /metrics. The request models accept the OpenAI
 fields this server implements, ignore harmless unknown ones, and refuse templates and unsupported
-features with a 400. Routes live in ingress.py.
+features with a 400. `until_disconnect` runs a route's work until the client goes away (then cancels
+it, which aborts the engine request). Routes live in ingress.py.
 """
 
 from __future__ import annotations
