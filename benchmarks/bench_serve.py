@@ -75,7 +75,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 VARIANTS = ("vllm", "turbo-direct", "turbo", "turbo-2ingress", "turbo-colocated")
-LAYOUTS = {"turbo-direct": "direct", "turbo-colocated": "colocated", "turbo": "split", "turbo-2ingress": "split"}
+LAYOUTS = {
+    "turbo-direct": "direct",
+    "turbo-colocated": "colocated",
+    "turbo": "split",
+    "turbo-2ingress": "split",
+}
 
 
 def log(msg: str) -> None:
