@@ -12,6 +12,7 @@ before vLLM starts. Pure functions: no vLLM import. Must not touch: dispatch, ac
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -135,6 +136,8 @@ ALWAYS = {"logprobs_mode": "processed_logprobs", "scheduling_policy": "priority"
 def detect_device() -> Device:
     """The accelerator this process would use (the first visible CUDA device, else the CPU)."""
     try:
+        if not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/proc/driver/nvidia"):
+            raise ImportError("no NVIDIA device here")  # skip importing torch (seconds) on a CPU box
         import torch
 
         if torch.cuda.is_available():
