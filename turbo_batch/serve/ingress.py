@@ -41,7 +41,8 @@ from turbo_batch.serve.http import (
     until_disconnect,
     validated,
 )
-from turbo_batch.serve.wire import Body, Chunks, logprobs_count, sampling
+from turbo_batch.serve.wire import Body, Chunks, logprobs_count, sampling, trace_row
+from turbo_batch.serve.wire import chain as _chain
 
 LONG_TEXT = 4096  # characters: longer prompts are tokenized in a thread, off the event loop
 
@@ -389,28 +390,4 @@ class Api:
             await gen.aclose()
             self.metrics["tokens"].labels("completion").inc(n)
             if stamps is not None and self.trace is not None:
-                self._write_trace(stamps, hops, items, n)
-
-    def _write_trace(self, s: dict[str, float], hops: list[float], items: int, tokens: int) -> None:
-        """Stage times of one stream (ms): request → handle call → replica → first engine output →
-        back at the ingress → first SSE event; plus the mean replica→ingress hop over all items."""
-        ms = 1000.0
-        row = {
-            "items": items,
-            "tokens": tokens,
-            "ingress_to_replica_ms": (s.get("t_in", s["t_req"]) - s["t_req"]) * ms,
-            "engine_first_output_ms": (s.get("t_engine", s["t_req"]) - s.get("t_in", s["t_req"])) * ms,
-            "replica_to_ingress_first_ms": (s["t_first"] - s.get("t_engine", s["t_first"])) * ms,
-            "ingress_first_sse_ms": (s.get("t_sse", s["t_first"]) - s["t_first"]) * ms,
-            "server_ttft_ms": (s.get("t_sse", s["t_first"]) - s["t_req"]) * ms,
-            "hop_mean_ms": (sum(hops) / len(hops) * ms) if hops else 0.0,
-            "tokens_per_item": tokens / max(items, 1),
-        }
-        self.trace.write(json.dumps(row) + "\n")
-
-
-async def _chain(first: Any, gen: Any) -> AsyncIterator[Any]:
-    if first is not None:
-        yield first
-    async for item in gen:
-        yield item
+                self.trace.write(json.dumps(trace_row(stamps, hops, items, n)) + "\n")

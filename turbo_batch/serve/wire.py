@@ -5,12 +5,15 @@
 constant part of each chunk serialised once per request (one small `json.dumps` per delta, not one
 of the whole chunk). Logprobs follow the OpenAI API: chat `choices[].logprobs.content[]` with
 token/logprob/bytes/top_logprobs, completions `tokens`/`token_logprobs`/`top_logprobs`/`text_offset`.
-Engine deltas are replica.py's dicts. No HTTP handling, no engine calls.
+`chain` re-joins a stream's first item with the rest; `trace_row` turns a stream's stage stamps into
+the per-stage timing trace (TURBO_BATCH_TRACE). Engine deltas are replica.py's dicts. No HTTP
+handling, no engine calls.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=True).encode
@@ -142,3 +145,28 @@ class Chunks:
 
     def usage(self, prompt: int, completion: int) -> str:
         return f'data: {self.head},"choices":[],"usage":{_dumps(usage(prompt, completion))}}}\n\n'
+
+
+async def chain(first: Any, gen: Any) -> AsyncIterator[Any]:
+    """The first item (already awaited to pick the status code), then the rest of the stream."""
+    if first is not None:
+        yield first
+    async for item in gen:
+        yield item
+
+
+def trace_row(s: dict[str, float], hops: list[float], items: int, tokens: int) -> dict[str, float]:
+    """Stage times of one stream (ms): request → handle call → replica → first engine output →
+    back at the ingress → first SSE event; plus the mean replica→ingress hop over all items."""
+    ms = 1000.0
+    return {
+        "items": items,
+        "tokens": tokens,
+        "ingress_to_replica_ms": (s.get("t_in", s["t_req"]) - s["t_req"]) * ms,
+        "engine_first_output_ms": (s.get("t_engine", s["t_req"]) - s.get("t_in", s["t_req"])) * ms,
+        "replica_to_ingress_first_ms": (s["t_first"] - s.get("t_engine", s["t_first"])) * ms,
+        "ingress_first_sse_ms": (s.get("t_sse", s["t_first"]) - s["t_first"]) * ms,
+        "server_ttft_ms": (s.get("t_sse", s["t_first"]) - s["t_req"]) * ms,
+        "hop_mean_ms": (sum(hops) / len(hops) * ms) if hops else 0.0,
+        "tokens_per_item": tokens / max(items, 1),
+    }
