@@ -62,23 +62,17 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-def _outside_env(root: Path) -> dict:
+def _outside(root: Path, *cmd: str) -> subprocess.CompletedProcess:
+    """Run a command of the installed venv from `root`, outside the checkout and its PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["TURBO_BATCH_CACHE"] = str(root / "cache")
     env["COLUMNS"] = "1000"  # rich wraps long paths at the terminal width
-    return env
+    return subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_installed_package_is_not_the_checkout(installed, tmp_path):
     code = "import turbo_batch, turbo_batch.cli as c; print(turbo_batch.__file__); print(c.demo_job_path())"
-    r = subprocess.run(
-        [str(installed / "bin" / "python"), "-c", code],
-        cwd=tmp_path,
-        env=_outside_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _outside(tmp_path, str(installed / "bin" / "python"), "-c", code)
     assert r.returncode == 0, r.stderr[-3000:]
     pkg, demo = r.stdout.split()
     assert Path(pkg).is_relative_to(installed) and not Path(pkg).is_relative_to(ROOT)
@@ -86,33 +80,17 @@ def test_installed_package_is_not_the_checkout(installed, tmp_path):
 
 
 def test_validate_the_shipped_demo_job_from_outside_the_checkout(installed, tmp_path):
-    demo = subprocess.run(
-        [str(installed / "bin" / "python"), "-c", "import turbo_batch.cli as c; print(c.demo_job_path())"],
-        cwd=tmp_path,
-        env=_outside_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    demo = _outside(
+        tmp_path,
+        str(installed / "bin" / "python"),
+        "-c",
+        "import turbo_batch.cli as c; print(c.demo_job_path())",
     ).stdout.strip()
-    r = subprocess.run(
-        [str(installed / "bin" / "turbo-batch"), "validate", demo],
-        cwd=tmp_path,
-        env=_outside_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _outside(tmp_path, str(installed / "bin" / "turbo-batch"), "validate", demo)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.startswith(f"ok {demo}: classify job")
     # every subpackage the CLI's command table imports is in the wheel
-    r = subprocess.run(
-        [str(installed / "bin" / "turbo-batch"), "--help"],
-        cwd=tmp_path,
-        env=_outside_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _outside(tmp_path, str(installed / "bin" / "turbo-batch"), "--help")
     assert r.returncode == 0, r.stderr[-3000:]
     for command in ("validate", "run", "serve", "convert", "demo"):
         assert command in r.stdout
