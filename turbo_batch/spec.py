@@ -31,6 +31,19 @@ from turbo_batch.specfile import format_errors, parse, read_yaml  # noqa: F401 (
 # GPU types: keys of model.engine_by_gpu, the names of engine/profiles.py's profiles (which checks that
 # they agree), the Ray resources and node labels of the cluster files.
 GPU_TYPES: tuple[str, ...] = ("rtx-5090", "rtx-pro-6000", "b200", "h200", "h100")
+# vLLM engine arguments that change only speed or memory, never a row's result (resume fingerprints)
+SPEED_ENGINE_KEYS = frozenset(
+    {
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "gpu_memory_utilization",
+        "enable_prefix_caching",
+        "enforce_eager",
+        "swap_space",
+        "scheduling_policy",
+        "kv_cache_memory_bytes",
+    }
+)
 MAX_CONTEXT = 10_000_000  # tokens: above every model's context (preflight checks the model's own)
 
 
@@ -296,17 +309,7 @@ class JobSpec(Strict):
 
     def fingerprint(self) -> str:
         """Hash of the fields that change what the output means; resume refuses a different one."""
-        perf_keys = {
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "gpu_memory_utilization",
-            "enable_prefix_caching",
-            "enforce_eager",
-            "swap_space",
-            "scheduling_policy",
-            "kv_cache_memory_bytes",
-            "max_model_len",
-        }
+        perf_keys = SPEED_ENGINE_KEYS | {"max_model_len"}  # the resolved max_model_len counts (identity.py)
         meaning = {
             "input": self.input.model_dump(mode="json"),
             "task": self.task.model_dump(mode="json", by_alias=True),

@@ -16,22 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from turbo_batch.spec import SPEED_ENGINE_KEYS
+
 HASH_BYTES = 64 * 2**20  # files up to this size are identified by their content
-# engine arguments that change only speed or memory, never a row's result
-PERF_KEYS = frozenset(
-    {
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "gpu_memory_utilization",
-        "enable_prefix_caching",
-        "enforce_eager",
-        "swap_space",
-        "scheduling_policy",
-        "kv_cache_memory_bytes",
-        "disable_log_stats",
-        "tensor_parallel_size",
-    }
-)
+# engine arguments that change only speed or memory, never a row's result (spec's list, plus two that
+# are also left out of this part of the fingerprint)
+PERF_KEYS = SPEED_ENGINE_KEYS | {"disable_log_stats", "tensor_parallel_size"}
 RESULT_KEYS = ("max_model_len", "quantization", "dtype", "kv_cache_dtype", "max_logprobs", "logprobs_mode")
 
 
