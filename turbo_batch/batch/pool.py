@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from turbo_batch.engine.profiles import GPU_TYPES, node_resource
 from turbo_batch.errors import EngineStartError, JobError
 from turbo_batch.paths import same_path
 from turbo_batch.runtime import ENGINE_ENV
@@ -61,7 +62,9 @@ class Pool(Protocol):
     async def close(self, force: bool = False) -> None: ...
 
 
-def engine_actor_options(job: JobSpec, index: int, use_gpu: bool) -> dict[str, Any]:
+def engine_actor_options(
+    job: JobSpec, index: int, use_gpu: bool, gpu_type: str | None = None
+) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "num_cpus": job.cluster.engine_cpus,
         "num_gpus": 1 if use_gpu else 0,
@@ -71,16 +74,53 @@ def engine_actor_options(job: JobSpec, index: int, use_gpu: bool) -> dict[str, A
         "scheduling_strategy": "SPREAD",
         "runtime_env": {"env_vars": dict(ENGINE_ENV)},
     }
-    if job.cluster.engine_resources:
-        opts["resources"] = dict(job.cluster.engine_resources)
+    resources = dict(job.cluster.engine_resources)
+    if gpu_type:  # one unit of the node's `gpu-<type>` resource: the engine lands on a GPU of that type
+        resources[node_resource(gpu_type)] = max(resources.get(node_resource(gpu_type), 0.0), 1.0)
+    if resources:
+        opts["resources"] = resources
     if job.cluster.reuse_engines:
         key = hashlib.sha256(repr((job.model.model_dump(mode="json"), max_labels(job))).encode()).hexdigest()[
             :10
         ]
         opts.update(
-            name=f"tb-engine-{key}-{index}", namespace="turbo-batch", lifetime="detached", get_if_exists=True
+            name=f"tb-engine-{key}-{gpu_type or 'any'}-{index}",
+            namespace="turbo-batch",
+            lifetime="detached",
+            get_if_exists=True,
         )
     return opts
+
+
+def gpu_slots(job: JobSpec, total: dict[str, float]) -> list[str | None]:
+    """One entry per engine to start: the GPU type of the labelled slot it takes, or None (unlabelled:
+    the engine goes wherever Ray puts it and its own device decides its settings).
+
+    Nodes of a mixed cluster offer `gpu-<type>` resources, one unit per GPU (cluster files,
+    `python -m turbo_batch.engine.profiles`). `engines: auto` starts one engine per labelled unit, plus
+    one per unlabelled GPU; `engines: N` takes N of them, round-robin over the types so a small N still
+    sees every type; `engine_resources: {gpu-b200: 1}` keeps every engine on that type."""
+    labelled = {t: int(total.get(node_resource(t), 0)) for t in (*GPU_TYPES, "cpu")}
+    labelled = {t: n for t, n in labelled.items() if n > 0}
+    pinned = [t for t in labelled if node_resource(t) in job.cluster.engine_resources]
+    if pinned:
+        labelled = {t: labelled[t] for t in pinned}
+    elif job.cluster.engine_resources:  # pinned to something else: the job's own placement, no labels
+        labelled = {}
+    units: list[str | None] = []
+    queues = {t: n for t, n in labelled.items()}
+    while any(queues.values()):  # round-robin: rtx-5090, b200, rtx-5090, b200, ...
+        for t in list(queues):
+            if queues[t]:
+                units.append(t)
+                queues[t] -= 1
+    gpus = int(total.get("GPU", 0))
+    if not pinned:
+        units += [None] * max(gpus - len(units), 0)
+    if job.cluster.engines == "auto":
+        return units or [None]
+    count = int(job.cluster.engines)
+    return (units + [None] * count)[:count]
 
 
 ENGINE_START_S = 1800.0  # placement + model load; a 31B checkpoint on a cold disk takes minutes
@@ -123,17 +163,18 @@ class EnginePool:
 
         from turbo_batch.engine.engine import Engine
 
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        count = job.cluster.engines if job.cluster.engines != "auto" else max(gpus, 1)
-        use_gpu = gpus > 0
-        check_capacity(job, count, use_gpu, ray.cluster_resources())
+        total = ray.cluster_resources()
+        types = gpu_slots(job, total)
+        count = len(types)
+        use_gpu = int(total.get("GPU", 0)) > 0
+        check_capacity(job, count, use_gpu, total)
         actor_cls = ray.remote(Engine)
         t0 = time.monotonic()
         actors = [
-            actor_cls.options(**engine_actor_options(job, i, use_gpu)).remote(
-                job.model.model_dump(mode="json"), max_labels=max_labels(job)
+            actor_cls.options(**engine_actor_options(job, i, use_gpu, t)).remote(
+                job.model.model_dump(mode="json"), max_labels=max_labels(job), gpu_type=t
             )
-            for i in range(count)
+            for i, t in enumerate(types)
         ]
         try:  # an engine Ray cannot place waits forever: bound it (env TURBO_BATCH_ENGINE_START_S)
             infos = await asyncio.wait_for(
@@ -155,10 +196,11 @@ class EnginePool:
         await asyncio.gather(*(a.warmup.remote() for a in actors))
         infos = await asyncio.gather(*(a.info.remote() for a in actors))
         pool.start_s = time.monotonic() - t0
-        for i, (actor, info) in enumerate(zip(actors, infos, strict=True)):
+        for i, (actor, info, t) in enumerate(zip(actors, infos, types, strict=True)):
             seqs = int(info.get("max_num_seqs") or 64)
             cap = job.cluster.rows_in_flight or 2 * seqs
-            pool.slots.append(Slot(f"engine-{i}", _actor_call(actor), info, cap, ping=_actor_ping(actor)))
+            name = f"engine-{i}-{t}" if t else f"engine-{i}"
+            pool.slots.append(Slot(name, _actor_call(actor), info, cap, ping=_actor_ping(actor)))
         return pool
 
     async def close(self, force: bool = False) -> None:

@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from turbo_batch.engine.profiles import describe, detect_device, engine_args, model_context_len
+from turbo_batch.engine.profiles import (
+    describe,
+    detect_device,
+    engine_args,
+    match_profile,
+    model_context_len,
+)
 from turbo_batch.engine.tasks import TaskRunner
 from turbo_batch.errors import RowError
 from turbo_batch.paths import is_local_path
@@ -36,8 +42,16 @@ def _one_line(e: BaseException) -> str:
 class Engine:
     """A vLLM AsyncLLM plus the task logic; safe to call concurrently from many coroutines."""
 
-    def __init__(self, model: Mapping[str, Any], *, max_labels: int = 0, exit_on_dead: bool | None = None):
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        *,
+        max_labels: int = 0,
+        exit_on_dead: bool | None = None,
+        gpu_type: str | None = None,
+    ):
         self.model = dict(model)
+        self.gpu_type = gpu_type  # the labelled GPU slot Ray placed this engine on (batch/pool.py)
         self.error: str | None = None
         self.llm: Any = None
         self.tokenizer: Any = None
@@ -52,8 +66,13 @@ class Engine:
             if is_local_path(path) and not Path(path).expanduser().is_dir():
                 raise FileNotFoundError(f"model path {path} does not exist")
             self.args = engine_args(
-                self.model, self.device, max_labels=max_labels, model_max_len=model_context_len(path)
+                self.model,
+                self.device,
+                max_labels=max_labels,
+                model_max_len=model_context_len(path),
+                gpu_type=gpu_type,
             )
+            self.gpu_type = match_profile(self.device, gpu_type).name  # whose engine_by_gpu entry applied
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -77,6 +96,8 @@ class Engine:
             "kv_cache_tokens": self.kv_cache_tokens(),
             "engine_args": {k: v for k, v in self.args.items() if _jsonable(v)},
             "device": describe(self.device),
+            "gpu_type": self.gpu_type,
+            "node": _ray_node_id(),
             "pid": os.getpid(),
             "start_s": round(self.start_s, 2),
         }
@@ -261,3 +282,13 @@ def _in_ray_actor() -> bool:
         return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
     except Exception:
         return False
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this engine runs on (None outside Ray): where a labelled cluster put it."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None

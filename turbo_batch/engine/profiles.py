@@ -152,7 +152,21 @@ def detect_device() -> Device:
     return Device("cpu", "cpu", mem, None, bf16="amx_bf16" in flags)
 
 
-def match_profile(device: Device) -> Profile:
+def profile_named(gpu_type: str) -> Profile:
+    """The profile of a GPU type as cluster files label nodes (`gpu-<type>` resources)."""
+    if gpu_type == CPU_PROFILE.name:
+        return CPU_PROFILE
+    for _, prof in PROFILES:
+        if prof.name == gpu_type:
+            return prof
+    raise EngineStartError(f"unknown GPU type {gpu_type!r}: one of {', '.join(GPU_TYPES)}")
+
+
+def match_profile(device: Device, gpu_type: str | None = None) -> Profile:
+    """The device's profile; `gpu_type` (the label of the slot Ray placed the engine on) wins over the
+    device's name, so a node's label decides which `engine_by_gpu` entry its engines take."""
+    if gpu_type:
+        return profile_named(gpu_type)
     if device.kind == "cpu":
         return CPU_PROFILE
     name = device.name.lower()
@@ -196,12 +210,18 @@ class Resolved:
 
 
 def resolve(
-    model: dict[str, Any], device: Device, *, max_labels: int = 0, model_max_len: int | None = None
+    model: dict[str, Any],
+    device: Device,
+    *,
+    max_labels: int = 0,
+    model_max_len: int | None = None,
+    gpu_type: str | None = None,
 ) -> Resolved:
     """Engine arguments for `model` (a ModelSpec dump) on `device`; raises EngineStartError when the
-    device cannot run the model (weights do not fit)."""
+    device cannot run the model (weights do not fit). `gpu_type`: the labelled GPU slot the engine was
+    placed on (pool.py), else the device's own name decides."""
     preset = pick_preset(model.get("preset", "auto"), model["path"], device)
-    prof = match_profile(device)
+    prof = match_profile(device, gpu_type)
     job = dict(model.get("engine") or {})
     job.update((model.get("engine_by_gpu") or {}).get(prof.name) or {})  # this GPU type's overrides
     args: dict[str, Any] = dict(PRESETS[preset])
@@ -266,10 +286,15 @@ def _size(out: Resolved, path: str, device: Device, job: dict[str, Any]) -> None
 
 
 def engine_args(
-    model: dict[str, Any], device: Device, *, max_labels: int = 0, model_max_len: int | None = None
+    model: dict[str, Any],
+    device: Device,
+    *,
+    max_labels: int = 0,
+    model_max_len: int | None = None,
+    gpu_type: str | None = None,
 ) -> dict[str, Any]:
     """vLLM AsyncEngineArgs kwargs for `model` (a ModelSpec dump) on `device`."""
-    return resolve(model, device, max_labels=max_labels, model_max_len=model_max_len).args
+    return resolve(model, device, max_labels=max_labels, model_max_len=model_max_len, gpu_type=gpu_type).args
 
 
 def describe(device: Device) -> dict[str, Any]:
