@@ -76,7 +76,9 @@ def _median(rs: list[dict[str, Any]]) -> dict[str, Any]:
     return pick
 
 
-def run_all(args, presets, dirs, plans, variants, info) -> dict[str, dict[str, list[dict[str, Any]]]]:
+def run_all(
+    args, presets, dirs, plans, variants, info, on_run=lambda runs: None
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Every variant of every preset, `repeat` times: raw engines first (one per group of presets with
     equal engine args), then turbo-batch per preset, then ray.data.llm per preset."""
     runs: dict[str, dict[str, list]] = {p: {v: [] for v in variants[p]} for p in presets}
@@ -96,6 +98,8 @@ def run_all(args, presets, dirs, plans, variants, info) -> dict[str, dict[str, l
         )
         runs[p][v].append(r)
         log(f"{p} {v}: {fmt(r['rows_per_s'])} rows/s over {fmt(r['timed_s'])} s")
+        args.errors = errors
+        on_run(runs)
 
     for i in range(args.repeat):
         for group in groups.values():
@@ -219,47 +223,54 @@ def main() -> None:
             print("variants that would run:", ", ".join(variants[p]))
         return
 
-    runs = run_all(args, presets, dirs, plans, variants, info)
+    def write_all(runs: dict[str, dict[str, list[dict[str, Any]]]], final: bool) -> list[Path]:
+        """Results files of every preset; also after each run, so a cut-off GPU session keeps its numbers."""
+        outs = []
+        for p in presets:
+            results = {v: _median(rs) for v, rs in runs[p].items() if rs}
+            data: dict[str, Any] = {
+                "preset": p,
+                "invocation": ",".join(presets),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "machine": info,
+                "git": git_rev(),
+                "loadavg_start": load0,
+                "loadavg_end": os.getloadavg(),
+                "bench_wall_s": round(time.perf_counter() - t_all, 1),
+                "variants": variants[p],
+                "repeat": args.repeat,
+                "plan": {k: v for k, v in plans[p].items() if k != "workdir"},
+                "results": results,
+                "errors": getattr(args, "errors", {}).get(p, {}),
+                "complete": final,
+                "note": args.note,
+                "headline": headline(plans[p]["kind"], results, runs[p]),
+            }
+            out = results_dir / f"batch_{p}.json"
+            write_results(out, data)
+            outs.append(out)
+            if final and args.copy_logs:
+                logs = out.with_name(f"batch_{p}_logs")
+                logs.mkdir(parents=True, exist_ok=True)
+                for f in [
+                    *dirs[p].glob("*.log"),
+                    *root.glob("*.log"),
+                    dirs[p] / "plan.json",
+                    dirs[p] / "job.yaml",
+                ]:
+                    if f.is_file():
+                        shutil.copy(f, logs / f.name)
+            if final:
+                print(table(data))
+        for family in sorted({p.split("-", 1)[0] for p in presets if PRESETS[p]["kind"] == "generate"}):
+            g = write_generate_summary(results_dir, family)
+            if g:
+                outs.append(g)
+        return outs
+
     results_dir = Path(args.results_dir)
-    outs = []
-    for p in presets:
-        results = {v: _median(rs) for v, rs in runs[p].items() if rs}
-        data: dict[str, Any] = {
-            "preset": p,
-            "invocation": ",".join(presets),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "machine": info,
-            "git": git_rev(),
-            "loadavg_start": load0,
-            "loadavg_end": os.getloadavg(),
-            "bench_wall_s": round(time.perf_counter() - t_all, 1),
-            "variants": variants[p],
-            "repeat": args.repeat,
-            "plan": {k: v for k, v in plans[p].items() if k != "workdir"},
-            "results": results,
-            "errors": args.errors[p],
-            "note": args.note,
-            "headline": headline(plans[p]["kind"], results, runs[p]),
-        }
-        out = results_dir / f"batch_{p}.json"
-        write_results(out, data)
-        outs.append(out)
-        if args.copy_logs:
-            logs = out.with_name(f"batch_{p}_logs")
-            logs.mkdir(parents=True, exist_ok=True)
-            for f in [
-                *dirs[p].glob("*.log"),
-                *root.glob("*.log"),
-                dirs[p] / "plan.json",
-                dirs[p] / "job.yaml",
-            ]:
-                if f.is_file():
-                    shutil.copy(f, logs / f.name)
-        print(table(data))
-    for family in sorted({p.split("-", 1)[0] for p in presets if PRESETS[p]["kind"] == "generate"}):
-        g = write_generate_summary(results_dir, family)
-        if g:
-            outs.append(g)
+    runs = run_all(args, presets, dirs, plans, variants, info, on_run=lambda r: write_all(r, final=False))
+    outs = write_all(runs, final=True)
     print(f"bench wall {time.perf_counter() - t_all:.1f} s; results: " + ", ".join(str(o) for o in outs))
 
 

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh serve    # online latency with a batch job on the same Serve engine
 #   bash benchmarks/gpu_session.sh batch-all gen   # issue 11: 1K/200 + 1K/10 generation (also unique, labels)
 #   bash benchmarks/gpu_session.sh serve-parity  # turbo-batch serve vs vllm serve (vllm bench serve), ~9 min
+#   bash benchmarks/gpu_session.sh fleet    # 2 GPUs: one engine vs two, a capped engine beside a full one
 #   bash benchmarks/gpu_session.sh prefix   # many-prefix rows: order stage vs raw vLLM shuffled/grouped, ~9 min
 # Results land in $OUT (the device tool brings them back) and are copied into benchmarks/results/ here.
 set -uo pipefail
@@ -32,8 +33,8 @@ case "${1:-}" in
       --out "$OUT/serve_priority_gpu.md" --json "$OUT/serve_priority_gpu.json" > "$OUT/serve.log" 2>&1
     echo "serve_priority rc=$?"; tail -40 "$OUT/serve.log"
     ;;
-  serve-parity)  # issue 10: 1K/200 (256 prompts) and 1K/10 (640 prompts) at concurrency 64, 4 servers
-    timeout 560 python benchmarks/bench_serve.py --preset gpu-gemma4 --workdir "$OUT/serve_parity" \
+  serve-parity)  # issue 10: 1K/200 (256 prompts) and 1K/10 (640 prompts) at concurrency 64, ~100 s per server
+    timeout 560 python benchmarks/bench_serve.py --preset gpu-gemma4 --variants "${SP_VARIANTS:-vllm,turbo-direct,turbo,turbo-2ingress}" --workdir "$OUT/serve_parity" \
       --model-dir ${BB_MODEL:-/root/bb-model} --trace --results-dir "$OUT" > "$OUT/serve_parity.log" 2>&1
     echo "bench_serve rc=$?"; tail -30 "$OUT/serve_parity.log"
     ;;
@@ -60,26 +61,40 @@ case "${1:-}" in
       echo "batch-all $part rc=$?"; tail -25 "$OUT/batch_$part.log"
     done
     ;;
+  fleet)  # issue 12 pt 3b (+ issue 11's unique rows): nvidia-h200-x2, both GPUs, ~7 min
+    timeout 570 python benchmarks/bench_fleet.py --workdir /root/bf --model-dir ${BB_MODEL:-/root/bb-model} \
+      --results-dir "$OUT" > "$OUT/fleet.log" 2>&1
+    echo "bench_fleet rc=$?"; tail -30 "$OUT/fleet.log"
+    ;;
   pair)  # two of the cases above at once, one per GPU of an nvidia-h200-x2 (each sees one GPU; the host's
     # 32 cores are shared, which the results' load figures show). The device tool returns at most 8 files,
     # so each case's $OUT is packed into one tarball: pair-<gpu>.tgz, unpacked here into benchmarks/results.
-    # usage: gpu_session.sh pair "prefix" "serve-parity"   (a case may carry its argument: "batch-all gen")
+    # usage: gpu_session.sh pair "prefix" "serve-parity"   (a case may carry its argument: "batch-all gen";
+    # "A+B" runs A then B on that GPU). Both halves stop at PAIR_S seconds (default 560) so the tarballs
+    # are packed before the device command's own 600 s limit; results written by then come back.
     pids=()
+    rm -rf /tmp/pair-0 /tmp/pair-1
     for gpu in 0 1; do
       spec=${2:-}; [ "$gpu" = 1 ] && spec=${3:-}
       [ -n "$spec" ] || continue
       mkdir -p "/tmp/pair-$gpu"
-      # shellcheck disable=SC2086
-      (CUDA_VISIBLE_DEVICES=$gpu BB_MODEL=/root/bb-model-$gpu OUT=/tmp/pair-$gpu bash "$0" $spec > "/tmp/pair-$gpu/session.log" 2>&1;
-       echo "pair gpu$gpu '$spec' rc=$?" >> "/tmp/pair-$gpu/session.log") &
+      (IFS='+'; for one in $spec; do
+         IFS=' '
+         # shellcheck disable=SC2086
+         CUDA_VISIBLE_DEVICES=$gpu BB_MODEL=/root/bb-model-$gpu OUT=/tmp/pair-$gpu bash "$0" $one
+         echo "pair gpu$gpu '$one' rc=$?"
+       done > "/tmp/pair-$gpu/session.log" 2>&1) &
       pids+=($!)
     done
+    ( sleep "${PAIR_S:-560}"; for pid in "${pids[@]}"; do pkill -TERM -P "$pid"; kill "$pid"; done ) 2>/dev/null &
+    guard=$!
     wait "${pids[@]}"
+    kill "$guard" 2>/dev/null
     for gpu in 0 1; do
       [ -d "/tmp/pair-$gpu" ] || continue
       tail -15 "/tmp/pair-$gpu/session.log"
       tar -czf "$OUT/pair-$gpu.tgz" -C "/tmp/pair-$gpu" --exclude='*.parquet' --exclude='*.safetensors' .
     done
     ;;
-  *) echo "usage: $0 checks|bench|serve|serve-parity|prefix|batch-all [unique|gen|labels]|pair CASE CASE" >&2; exit 2 ;;
+  *) echo "usage: $0 checks|bench|serve|serve-parity|prefix|fleet|batch-all [unique|gen|labels]|pair CASE CASE" >&2; exit 2 ;;
 esac
