@@ -188,14 +188,11 @@ def _actor_call(actor: Any) -> EngineCall:
 
 def _cancel(ref: Any) -> None:
     """Cancel an engine actor's task: the engine is an async actor, so Ray cancels the asyncio task
-    of `run_rows`, whose rows abort their vLLM requests (engine.py). The ref's TaskCancelledError is
-    read in the background so that Ray does not report it as an unhandled error."""
+    of `run_rows`, whose rows abort their vLLM requests (engine.py)."""
     import ray
 
     with contextlib.suppress(Exception):  # it may have finished meanwhile: nothing to cancel
         ray.cancel(ref)
-    fut = asyncio.wrap_future(ref.future())
-    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _actor_ping(actor: Any) -> Callable[[], Awaitable[dict[str, Any]]]:

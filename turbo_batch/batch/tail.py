@@ -93,7 +93,8 @@ def hedges(
     """The backup copies to make now: (batch, engine with room) pairs, latest-ending batch first.
 
     A batch's time left on its engine is the rows ahead of it there, itself included, over that
-    engine's measured rate (an engine that returned nothing yet: as if its oldest batch returned now). A candidate engine's time is its own rows in flight plus the batch over
+    engine's measured rate (an engine that returned nothing yet: as if its oldest batch returned now),
+    and at least the engine's quickest call less the time the batch has run. A candidate engine's time is its own rows in flight plus the batch over
     its rate, and never less than its quickest call. A batch is copied at most once, never to or from
     a reserved (quarantine) or lost engine; quarantined rows are not flights at all."""
     up = [s for s in slots if not s.reserved and not s.down]
@@ -117,7 +118,10 @@ def hedges(
         for f in mine:
             ahead += f.rows
             if len(f.calls) == 1 and not f.hedged:
-                late.append((_queue_time(m, rate, ahead, now, f.rows), f, s))
+                # a call takes at least the engine's quickest call: rows that run together (vLLM's
+                # batch of max_num_seqs) return together, later than their place in the queue says
+                first_wave = (m.quickest or 0.0) - (now - f.started[s.name])
+                late.append((max(_queue_time(m, rate, ahead, now, f.rows), first_wave), f, s))
     out: list[tuple[Flight, Slot]] = []
     room = [g for g in up if g.inflight < g.capacity]  # at the tail, few engines have room
     for left, f, s in sorted(late, key=lambda x: -x[0]) if room else []:
