@@ -3,10 +3,12 @@
 Owns: dispatch (each batch of rows to the least loaded engine whose max_model_len fits it, waiting
 while all are full), engine loss (a lost engine is waited for while Ray restarts it; its rows in
 flight are quarantined and rerun alone, bisecting any batch that still kills an engine until the row
-that does stands alone and becomes an ENGINE_ERROR row after `cluster.max_attempts` tries).
-Must not touch: how engines start (pool.py), how rows render (render.py), output files (results.py
-and write.py). Rows in flight are `Work` items of rendered rows (dicts of the rendered block's
-columns, see render.py).
+that does stands alone and becomes an ENGINE_ERROR row after `cluster.max_attempts` tries), and
+the job's tail: once the input is exhausted, a batch that would end late on a slow engine gets a
+backup copy on an engine with room (tail.py chooses it); the first copy back wins, the other is
+cancelled, and each row is accepted exactly once. Must not touch: how engines start (pool.py), how
+rows render (render.py), output files (results.py and write.py). Rows in flight are `Work` items of
+rendered rows (dicts of the rendered block's columns, see render.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from turbo_batch.batch.order import order_mode, shared_prefix
 from turbo_batch.batch.plan import Plan
 from turbo_batch.batch.pool import Pool, Slot, is_engine_loss
 from turbo_batch.batch.results import ResultBuffer
+from turbo_batch.batch.tail import Flight, Tail
 from turbo_batch.batch.write import OutputDir
 from turbo_batch.errors import EngineStartError, JobError, RowError
 from turbo_batch.spec import JobSpec
@@ -33,6 +36,7 @@ from turbo_batch.spec import JobSpec
 log = logging.getLogger("turbo_batch")
 REVIVE_TIMEOUT_S = 1800.0
 PREFIX_BLOCK_TOKENS = 16  # a KV cache block: sharing less than one more block is not worth a stick
+TAIL_TICK_S = 0.25  # the tail re-judges backup copies at least this often (and whenever a call ends)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Driver:
     out: OutputDir
     priority: int = 0
     on_progress: Callable[[int], None] = lambda n: None
+    hedge: bool = True  # backup copies of late batches at the tail (off: the tests' baseline)
     results: ResultBuffer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +64,7 @@ class Driver:
         self.cond = asyncio.Condition()
         self.quarantine = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
+        self.tail = Tail(self.pool.slots)  # this job's measured engine rates and backup copies
         self.tag = (self.job.name or "job").replace(" ", "_")[:24]
         # Prefix order (order.py): rows arrive sorted by prompt prefix; a batch that continues the
         # previous batch's prefix group goes to the same engine while it has room.
@@ -78,6 +84,14 @@ class Driver:
         t = asyncio.create_task(coro)
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
+
+    def _launch(self, slot: Slot, flight: Flight) -> None:
+        """Run a copy of a flight's rows on `slot` (its inflight already counts them)."""
+        call = asyncio.ensure_future(self._call(slot, flight.work))
+        flight.calls[slot.name] = call
+        flight.started[slot.name] = time.monotonic()
+        self.tail.flights.add(flight)
+        self._spawn(self._run(slot, flight, call))
 
     # -- dispatch ------------------------------------------------------------------------------------
     def _eligible(self, work: Work) -> list[Slot]:
@@ -141,7 +155,7 @@ class Driver:
                 await self.cond.wait()
             slot.inflight += len(work.rows)
             self._last_slot = slot.name
-        self._spawn(self._run(slot, work))
+        self._launch(slot, Flight(work))
 
     def _group_starts(self, ok: list[dict[str, Any]]) -> list[bool]:
         """Per row (in prefix order): does it share no more than the job-wide common prefix (+ one KV
@@ -164,8 +178,12 @@ class Driver:
             | ({"sampling": r["sampling"]} if r.get("sampling") else {})
             for r in work.rows
         ]
+        meter, t0, got = self.tail.meters[slot.name], time.monotonic(), 0
+        meter.start(t0)
         try:
-            return await slot.call(payload, self.task, self.sampling, self.priority, self.tag)
+            results = await slot.call(payload, self.task, self.sampling, self.priority, self.tag)
+            got = len(results)
+            return results
         except Exception as e:
             if not is_engine_loss(e):
                 raise
@@ -179,6 +197,8 @@ class Driver:
                 slot.down = True
                 self._spawn(self._revive(slot))
             return None
+        finally:
+            meter.end(time.monotonic(), t0, got)
 
     async def _revive(self, slot: Slot) -> None:
         """Wait for Ray to restart a lost engine (a vLLM start can take minutes), then use it again."""
@@ -203,21 +223,50 @@ class Driver:
             slot.down = False
             self.cond.notify_all()
 
-    async def _run(self, slot: Slot, work: Work) -> None:
+    async def _run(self, slot: Slot, flight: Flight, call: asyncio.Future) -> None:
+        """Wait for one copy of a flight; the first copy to return settles it, exactly once."""
         try:
-            results = await self._call(slot, work)
+            try:
+                results = await call
+            except asyncio.CancelledError:
+                if not (call.cancelled() and flight.settled):
+                    raise  # the job itself is being cancelled
+                results = None  # the loser of a backup race: cancelled by the winner
         finally:
+            flight.calls.pop(slot.name, None)
             async with self.cond:
-                slot.inflight -= len(work.rows)
+                slot.inflight -= flight.rows
                 self.cond.notify_all()
+        if flight.settled:  # another copy won: nothing of this one is kept
+            return
         if results is not None:
+            flight.settled = True
+            self.tail.won(flight, slot)
+            for other in flight.calls.values():
+                other.cancel()  # the engine aborts its requests (pool.py's calls cancel remote work)
             slot.done += len(results)
             await self._accept([{**r, "engine": slot.name} for r in results])  # per-engine report charts
             return
+        if flight.calls:  # lost, but a copy still runs elsewhere: that one answers for these rows
+            return
+        flight.settled = True
+        self.tail.flights.discard(flight)
         # Every row that was on a lost engine is a suspect: most were innocent bystanders of a kill or
         # of one bad row. Suspects run in quarantine, one batch at a time on an engine of their own.
         async with self.quarantine:
-            await self._isolate(work)
+            await self._isolate(flight.work)
+
+    async def _drain(self) -> None:
+        """After the last batch: wait for every call, copying late batches to engines with room."""
+        while self.tasks:
+            for flight, slot in self.tail.hedges() if self.hedge else []:
+                slot.inflight += flight.rows
+                self._launch(slot, flight)
+            done, _ = await asyncio.wait(
+                list(self.tasks), timeout=TAIL_TICK_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            for t in done:
+                t.result()  # an engine call's error ends the job, as it always did
 
     async def _reserve(self, work: Work) -> Slot | None:
         eligible = self._eligible(work)
@@ -299,9 +348,9 @@ class Driver:
             starts = self._group_starts(ok) if self.ordered else [True] * len(ok)
             for i in range(0, len(ok), batch_rows):  # a batch continuing a group: its engine, if it has room
                 await self.submit(Work(ok[i : i + batch_rows], prefer=None if starts[i] else self._last_slot))
-        while self.tasks:
-            await asyncio.gather(*list(self.tasks))
+        await self._drain()
         await self.results.flush()
+        self.tail.log()
 
 
 def rows_of(block: pa.Table) -> list[dict[str, Any]]:

@@ -3,7 +3,9 @@
 Owns: `Slot` (one engine as the dispatcher sees it: an async call, its info, capacity and load),
 the `Pool` protocol, `EnginePool` (engine actors owned by the job, or detached ones reused across
 jobs), `ServePool` (the Engine deployment of a running `turbo-batch serve` app) and
-`is_engine_loss()`. Must not touch: what rows go where (driver.py), rendering, the output dir.
+`is_engine_loss()`. A slot's call that is cancelled cancels the engine's work too (Ray cancels the
+actor task, Serve the request), so the engine aborts those rows' vLLM requests. Must not touch: what
+rows go where (driver.py, tail.py), rendering, the output dir.
 Payloads crossing Ray here are plain dicts of one documented shape: rows `{row_id, prompt_ids,
 label_ids}` in (prompt_ids an int32 numpy array or a list of ints; label_ids a list or None), result
 rows (`Engine.run_rows`) out.
@@ -216,9 +218,23 @@ class EnginePool:
 
 def _actor_call(actor: Any) -> EngineCall:
     async def call(rows, task, sampling, priority, tag):
-        return await actor.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
+        ref = actor.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
+        try:
+            return await ref
+        except asyncio.CancelledError:  # a backup copy lost its race: stop the engine's work too
+            _cancel(ref)
+            raise
 
     return call
+
+
+def _cancel(ref: Any) -> None:
+    """Cancel an engine actor's task: the engine is an async actor, so Ray cancels the asyncio task
+    of `run_rows`, whose rows abort their vLLM requests (engine.py)."""
+    import ray
+
+    with contextlib.suppress(Exception):  # it may have finished meanwhile: nothing to cancel
+        ray.cancel(ref)
 
 
 def _actor_ping(actor: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
@@ -306,8 +322,12 @@ def _serve_call(handle: Any) -> EngineCall:
     async def call(rows, task, sampling, priority, tag):
         delay, waited = 0.2, 0.0
         while True:
+            response = handle.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
             try:
-                return await handle.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
+                return await response
+            except asyncio.CancelledError:  # awaiting stops; cancel() stops the replica's work too
+                response.cancel()
+                raise
             except BackPressureError:
                 if waited >= BACKPRESSURE_WAIT_S:
                     raise

@@ -136,7 +136,7 @@ async def run_plan(
         wall_s=wall,
         engine_start_s=engine_start_s,
         skipped=skipped,
-        engines=[{**s.info, "name": s.name, "rows": s.done} for s in pool.slots],
+        engines=[{**s.info, "name": s.name, "rows": s.done, **driver.tail.stats(s)} for s in pool.slots],
         job_name=job.name,
         output_dir=str(plan.output_dir),
         prices=job.report.gpu_hour_usd,
