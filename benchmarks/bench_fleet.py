@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -62,7 +63,11 @@ def turbo(job: dict[str, Any], workdir: Path, name: str, env: dict[str, str]) ->
     cmd = [sys.executable, "-m", "turbo_batch.cli", "run", str(path), "--quiet", "--restart"]
     with open(logf, "w") as fh:
         rc = subprocess.run(
-            cmd, cwd=REPO, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT
+            cmd,
+            cwd=REPO,
+            env={**os.environ, "TURBO_BATCH_OUTPUT_ROOT": str(workdir), **env},
+            stdout=fh,
+            stderr=subprocess.STDOUT,
         ).returncode
     if rc != 0:
         raise RuntimeError(f"turbo-batch run ({name}) exited {rc}:\n{bb.tail(logf)}")
@@ -131,16 +136,28 @@ def mixed_rows(plan: dict[str, Any], kind: str, workdir: Path) -> tuple[Path, in
     return path, n_long
 
 
-def ray_head(kind: str, resources: dict[str, int], gpus: int) -> dict[str, str]:
+def ray_head(kind: str, resources: dict[str, int], gpus: int) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`ray start --head --block` as a child: terminating it stops this head's processes and no other
+    Ray on the machine (`ray stop` would stop every Ray here, a test suite's too)."""
     port = "6391"
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", f"--num-gpus={gpus}", "--include-dashboard=false",
-           "--disable-usage-stats", f"--resources={json.dumps(resources)}"]  # fmt: skip
-    if kind == "cpu":
-        cmd.append("--num-cpus=2")
-    subprocess.run(
-        cmd, check=True, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    )
-    return {"RAY_ADDRESS": f"127.0.0.1:{port}"}
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+           f"--num-gpus={gpus}", "--include-dashboard=false", "--disable-usage-stats",
+           f"--resources={json.dumps(resources)}"] + (["--num-cpus=2"] if kind == "cpu" else [])  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_fleet_head.log", "w")  # noqa: SIM115 (the head lives on)
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    addr = f"127.0.0.1:{port}"
+    for _ in range(120):  # the head is up once its GCS port accepts connections
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head exited {head.returncode}; see {log.name}")
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            if sock.connect_ex(("127.0.0.1", int(port))) == 0:
+                time.sleep(3)  # the raylet registers right after the GCS
+                return head, {"RAY_ADDRESS": addr}
+        time.sleep(1)
+    head.terminate()
+    raise RuntimeError("ray start --head did not come up in 120 s")
 
 
 def check_mixed(r: dict[str, Any], n_base: int, n_long: int) -> dict[str, Any]:
@@ -271,17 +288,18 @@ def main() -> None:
         for k in ("gold_column", "gold_map"):  # the long rows have no gold label
             mjob["task"].pop(k, None)
         mjob["cluster"] = {**mjob["cluster"], "address": "auto", "engines": "auto"}
+        head = None
         try:
-            env = ray_head(kind, {"gpu-rtx-5090": 1, "gpu-h200": 1}, 2 if kind == "gpu" else 0)
+            head, env = ray_head(kind, {"gpu-rtx-5090": 1, "gpu-h200": 1}, 2 if kind == "gpu" else 0)
             r = turbo(mjob, root, "mixed", env)
             data["mixed_checks"] = check_mixed(r, plan["rows"], n_long)
             runs["mixed"] = r
         except Exception as e:
             runs["mixed"] = {"error": str(e)[-1500:]}
         finally:
-            subprocess.run(
-                [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True
-            )
+            if head is not None:
+                head.terminate()
+                head.wait(timeout=60)
         bb.log(f"mixed: {runs['mixed'].get('rows_per_s')} {data.get('mixed_checks')}")
         save()
     print(out.with_suffix(".md").read_text())
