@@ -20,13 +20,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from turbo_batch.engine.profiles import (
-    describe,
-    detect_device,
-    engine_args,
-    match_profile,
-    model_context_len,
-)
+from turbo_batch.engine.profiles import describe, detect_device, model_context_len, resolve
 from turbo_batch.engine.tasks import TaskRunner
 from turbo_batch.errors import RowError
 from turbo_batch.paths import is_local_path
@@ -65,14 +59,15 @@ class Engine:
             path = self.model["path"]
             if is_local_path(path) and not Path(path).expanduser().is_dir():
                 raise FileNotFoundError(f"model path {path} does not exist")
-            self.args = engine_args(
+            resolved = resolve(
                 self.model,
                 self.device,
                 max_labels=max_labels,
                 model_max_len=model_context_len(path),
                 gpu_type=gpu_type,
             )
-            self.gpu_type = match_profile(self.device, gpu_type).name  # whose engine_by_gpu entry applied
+            self.args = resolved.args
+            self.gpu_type = resolved.profile.name  # whose engine_by_gpu entry applied
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
