@@ -6,6 +6,10 @@ every test package, so moving a test file never breaks its imports.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 # vLLM settings of the tiny model's engine on a 2-core CPU box (small KV cache, short context).
@@ -27,3 +31,20 @@ def job_dict(model: Path, inp: Path | str, out: Path | str, task: dict | None = 
     for key, value in sections.items():
         job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
     return job
+
+
+def run_cluster_script(script: Path, job: Path, root: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `script JOB` (a job on a Ray cluster the script builds itself) with outputs under `root`;
+    returns the process and the JSON of its last stdout line (the script's result)."""
+    env = {**os.environ, "TURBO_BATCH_OUTPUT_ROOT": str(root)}
+    env.pop("RAY_ADDRESS", None)  # its own cluster, never the session's
+    r = subprocess.run(
+        [sys.executable, str(script), str(job)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, json.loads(r.stdout.strip().splitlines()[-1])

@@ -3,10 +3,6 @@ they fit (issue 12, point 3a). Fast tests of the placement rules; one real three
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers import job_dict
+from tests.helpers import job_dict, run_cluster_script
 from turbo_batch.batch.pool import engine_actor_options, gpu_slots
 from turbo_batch.engine.profiles import KNOWN_DEVICES, Device, resolve
 from turbo_batch.errors import EngineStartError
@@ -98,18 +94,7 @@ def test_labelled_nodes_get_their_engines_settings_and_long_rows(tiny_model, tmp
     data["cluster"].update({"engines": "auto", "batch_rows": 8})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "TURBO_BATCH_OUTPUT_ROOT": str(tmp_path)}
-    env.pop("RAY_ADDRESS", None)
-    r = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("fleet_run.py")), str(job)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    _, result = run_cluster_script(Path(__file__).with_name("fleet_run.py"), job, tmp_path)
     engines = {e["gpu_type"]: e for e in result["summary"]["engines"]}
     assert sorted(engines) == ["b200", "rtx-5090"]
     for t, e in engines.items():

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers import job_dict
+from tests.helpers import job_dict, run_cluster_script
 from turbo_batch.batch.pool import Slot
 from turbo_batch.batch.run import run_job
 from turbo_batch.batch.write import MANIFEST, SUCCESS
@@ -277,19 +277,7 @@ def test_engine_node_lost_mid_job(tiny_model, tmp_path):
         cluster={"engines": 1},
     )
     job.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "TURBO_BATCH_OUTPUT_ROOT": str(tmp_path)}
-    env.pop("RAY_ADDRESS", None)
-    script = Path(__file__).with_name("node_loss_run.py")
-    r = subprocess.run(
-        [sys.executable, str(script), str(job)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout.strip().splitlines()[-1])
+    r, result = run_cluster_script(Path(__file__).with_name("node_loss_run.py"), job, tmp_path)
     assert "error" not in result, result
     assert result["lost_while_running"], "job finished before the node was lost: make it longer"
     assert result["engine_nodes_after"] and result["lost_node"] not in result["engine_nodes_after"]
