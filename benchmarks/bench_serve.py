@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_serve_load import run_load, summarize  # noqa: E402
+from pyspy import Recording, find_pid  # noqa: E402
 
 CPU_ENGINE = {"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 1024 * 1024, "max_num_seqs": 64}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -43,6 +44,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "engine": CPU_ENGINE,
         "concurrency": 8,
         "workloads": [{"name": "64in-32out", "input": 64, "output": 32, "prompts": 96}],
+        "start_timeout": 300,
+        "num_cpus": 2,
+    },
+    # the GPU workload's shape (concurrency 64, a long stream) on the tiny engine: the serving process
+    # turns thousands of deltas a second into SSE events, as on an H200
+    "cpu-tiny-64": {
+        "model": "tiny",
+        "engine": {**CPU_ENGINE, "max_num_seqs": 128},
+        "concurrency": 64,
+        "workloads": [{"name": "64in-200-out", "input": 64, "output": 200, "prompts": 192}],
         "start_timeout": 300,
         "num_cpus": 2,
     },
@@ -233,12 +244,17 @@ def vllm_bench(base: str, tok: Path, wl: dict[str, Any], conc: int, out: Path) -
     }
 
 
-def measure(base: str, tok: Path, preset: dict, loadgen: str, workdir: Path, key: str | None) -> dict:
+def measure(
+    base: str, tok: Path, preset: dict, loadgen: str, workdir: Path, key: str | None, profile: Any = None
+) -> dict:
+    """Each workload's figures; `profile(name)` (if given) starts a py-spy Recording of the serving
+    process for the first workload, whose summary lands in that workload's entry."""
     out: dict[str, Any] = {}
     conc = preset["concurrency"]
     asyncio.run(run_load(base, "bench", 16, conc, min(conc, 16), 4, key=key))  # warm-up
-    for wl in preset["workloads"]:
+    for i, wl in enumerate(preset["workloads"]):
         log(f"  {wl['name']}: {wl['prompts']} prompts at concurrency {conc} ({loadgen})")
+        rec = profile(wl["name"]) if profile is not None and i == 0 else None
         if loadgen == "vllm":
             out[wl["name"]] = vllm_bench(base, tok, wl, conc, workdir)
         else:
@@ -246,6 +262,9 @@ def measure(base: str, tok: Path, preset: dict, loadgen: str, workdir: Path, key
                 run_load(base, "bench", wl["input"], wl["output"], wl["prompts"], conc, key=key)
             )
             out[wl["name"]] = {"loadgen": "builtin", **summarize(recs, took)}
+        if rec is not None:
+            out[wl["name"]]["profile"] = rec.finish()
+            log(f"    py-spy: {json.dumps(out[wl['name']]['profile'])[:600]}")
         log(f"    {json.dumps(out[wl['name']])}")
     return out
 
@@ -278,7 +297,14 @@ def run_variant(name: str, path: Path, args: dict, preset: dict, a: argparse.Nam
     try:
         server.wait_ready(ready, preset["start_timeout"])
         result: dict[str, Any] = {"start_s": round(time.monotonic() - t0, 1)}
-        result["workloads"] = measure(base, path, preset, a.loadgen, workdir, None)
+        profile = None
+        if a.profile:  # the process that serves HTTP: vllm's API server, turbo's Engine replica
+
+            def profile(wl: str) -> Recording:
+                pid = server.proc.pid if variant == "vllm" else find_pid(r"ServeReplica:.*:Engine")
+                return Recording.start(pid, a.profile, workdir / f"pyspy-{name}-{wl}.txt")
+
+        result["workloads"] = measure(base, path, preset, a.loadgen, workdir, None, profile)
         if a.trace and variant != "vllm":
             from bench_serve_load import trace_summary
 
@@ -325,6 +351,15 @@ def markdown(d: dict[str, Any]) -> str:
     for v, r in d["variants"].items():
         if r.get("trace"):
             lines += ["", f"Per-stage trace, {v} (median ms): `{json.dumps(r['trace'])}`"]
+    for v, r in d["variants"].items():
+        for wl, m in (r.get("workloads") or {}).items():
+            p = m.get("profile")
+            if p and "error" not in p:
+                top = ", ".join(f"{f} {s:.0%}" for f, s in p["top_self"][:8])
+                lines += ["", f"py-spy --gil, {v} {wl}: GIL held {p['gil_busy']:.0%} of the time; threads "
+                          f"`{json.dumps(p['thread_share'])}`; top self: {top}"]  # fmt: skip
+            elif p:
+                lines += ["", f"py-spy, {v} {wl}: {p['error']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -344,6 +379,9 @@ def main() -> None:
     ap.add_argument("--workloads", default="", help="comma-separated workload names (default: all)")
     ap.add_argument("--trace", action="store_true", help="per-stage timing trace of turbo's variants")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument(
+        "--profile", type=int, default=0, help="py-spy the serving process for N s of the first workload"
+    )
     ap.add_argument(
         "--dry-run", action="store_true", help="build the model, serve files and args; no servers"
     )

@@ -126,14 +126,26 @@ def summarize(recs: list[dict[str, Any]], took: float) -> dict[str, Any]:
 
 
 def trace_summary(path: Path) -> dict[str, float] | None:
-    """Median milliseconds of each traced stage (keys as the ingress writes them)."""
+    """Median milliseconds of each traced stage (keys as the ingress writes them), plus the serving
+    process's event loop (loopwatch.py rows): lag percentiles and garbage-collection pauses."""
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except OSError:
         return None
+    loops = [r for r in rows if r.get("kind") == "loop"]
+    rows = [r for r in rows if r.get("kind") != "loop"]
     if not rows:
         return None
     keys = sorted({k for r in rows for k in r if k.endswith("_ms")})
     out = {k: round(pct([r[k] for r in rows if k in r], 0.5) or 0.0, 2) for k in keys}
     out["requests"] = len(rows)
+    if loops:
+        window = sum(r["window_s"] for r in loops) or 1.0
+        out["loop_lag_p50_ms"] = round(pct([r["loop_lag_p50_ms"] for r in loops], 0.5) or 0.0, 2)
+        out["loop_lag_p99_ms"] = round(max(r["loop_lag_p99_ms"] for r in loops), 2)
+        out["loop_lag_max_ms"] = round(max(r["loop_lag_max_ms"] for r in loops), 2)
+        out["gc_pause_share"] = round(sum(r["gc_pause_total_ms"] for r in loops) / 1000.0 / window, 4)
+        out["gc_pause_max_ms"] = round(max(r["gc_pause_max_ms"] for r in loops), 2)
+        out["gc_oldest_n"] = sum(r["gc_oldest_n"] for r in loops)
+        out["gc_frozen"] = max(r["gc_frozen"] for r in loops)
     return out

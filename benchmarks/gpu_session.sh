@@ -33,15 +33,18 @@ case "${1:-}" in
       --out "$OUT/serve_priority_gpu.md" --json "$OUT/serve_priority_gpu.json" > "$OUT/serve.log" 2>&1
     echo "serve_priority rc=$?"; tail -40 "$OUT/serve.log"
     ;;
-  serve-parity)  # issue 10: 1K/200 (256 prompts) and 1K/10 (640 prompts) at concurrency 64, ~100 s per server
+  serve-parity)  # issue 10: 1K/200 (256 prompts) and 1K/10 (640 prompts) at concurrency 64, ~100 s per server;
+    # SP_PROFILE seconds of py-spy (--gil) on the serving process during 1K/200 (0: none)
     timeout 560 python benchmarks/bench_serve.py --preset gpu-gemma4 --variants "${SP_VARIANTS:-vllm,turbo-direct,turbo,turbo-2ingress}" --workdir "$OUT/serve_parity" \
-      --model-dir ${BB_MODEL:-/root/bb-model} --trace --results-dir "$OUT" > "$OUT/serve_parity.log" 2>&1
+      --model-dir ${BB_MODEL:-/root/bb-model} --trace --profile "${SP_PROFILE:-20}" --results-dir "$OUT" \
+      > "$OUT/serve_parity.log" 2>&1
     echo "bench_serve rc=$?"; tail -30 "$OUT/serve_parity.log"
     ;;
   prefix)  # issue 11: 1,200 docs x 5 questions, 2 GiB KV: raw shuffled/grouped vs turbo-batch vs ray.data.llm
+    # (PREFIX_ARGS, e.g. "--docs 2400 --repeat 2": longer timed windows, fewer runs)
     # ~9 min: 5 engine starts; --budget-s skips a run that would end past 510 s (the results say which)
     timeout 570 python benchmarks/bench_prefix.py --preset gpu-gemma4 --workdir /root/bp --model-dir ${BB_MODEL:-/root/bb-model} \
-      --results-dir "$OUT" --budget-s 510 2>&1 | tail -40 | tee "$OUT/prefix.log"
+      --results-dir "$OUT" --budget-s 510 ${PREFIX_ARGS:-} 2>&1 | tail -40 | tee "$OUT/prefix.log"
     ;;
   batch-all)  # issue 11 pt 3: unique 1K prompts, 1K/200 and 1K/10 generation, 20 labels; one part per command
     # One vLLM start costs ~65-75 s here and turbo-batch starts an engine per job, so the four presets do not

@@ -126,3 +126,68 @@ def test_bad_requests_are_400_and_never_reach_the_engine(client):
     r = http.post("/v1/completions", content=deep, headers={**KEY, "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert engine.calls == 0
+
+
+class TracedEngine(FakeEngine):
+    async def generate(self, ids, params, rid, *, stream, trace=False):
+        import time
+
+        assert trace, "the ingress asks for engine timestamps when it traces"
+        t_in = time.time()
+        async for item in super().generate(ids, params, rid, stream=stream):
+            yield {**item, "t": time.time(), "t_in": t_in}
+
+
+def test_trace_file_has_stage_times_event_gaps_and_loop_rows(tiny_model, tmp_path, monkeypatch):
+    import json
+    import time
+
+    from turbo_batch.serve.ingress import Api
+
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("TURBO_BATCH_TRACE", str(trace))
+    limits = {
+        "max_body_bytes": 1 << 20, "max_messages": 8, "max_tokens": 64, "default_max_tokens": 8,
+        "max_inputs": 4, "max_concurrent": 4, "max_online_per_engine": 8, "engine_max_queued": 8,
+    }  # fmt: skip
+    config = {"model_name": "tiny", "model": {"path": str(tiny_model)}, "limits": limits,
+              "classifiers": {}, "api_key": None}  # fmt: skip
+    api = Api(TracedEngine(), config)
+    api._watch_at = time.monotonic() - 10  # the next traced stream also writes a loop row
+    http = TestClient(api.__serve_build_asgi_app__())
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": True}
+    for _ in range(2):
+        assert http.post("/v1/completions", json=body).status_code == 200
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    streams = [r for r in rows if r.get("kind") != "loop"]
+    loops = [r for r in rows if r.get("kind") == "loop"]
+    assert len(streams) == 2 and len(loops) == 1
+    for r in streams:
+        assert r["events"] == 2 and r["tokens"] == 2  # "h" and "i": one SSE event each
+        assert 0 <= r["sse_gap_p50_ms"] <= r["sse_gap_max_ms"] <= r["sse_stream_ms"] + 1e-6
+        assert r["arrive_to_handler_ms"] >= 0 and r["server_ttft_ms"] >= r["ingress_first_sse_ms"]
+    assert loops[0]["window_s"] > 0 and loops[0]["loop_lag_max_ms"] >= loops[0]["loop_lag_p50_ms"] >= 0
+
+
+def test_loop_watch_sees_a_blocked_loop_and_a_full_collection():
+    import asyncio
+    import gc
+    import time
+
+    from turbo_batch.serve.loopwatch import LoopWatch
+
+    async def main():
+        watch = LoopWatch()
+        watch.start()
+        await asyncio.sleep(0.02)
+        time.sleep(0.12)  # a callback that holds the loop for 120 ms
+        await asyncio.sleep(0.02)
+        gc.collect(2)
+        row = watch.row()
+        watch.stop()
+        return row, watch.row()
+
+    row, fresh = asyncio.run(main())
+    assert row["loop_lag_max_ms"] >= 100, row
+    assert row["gc_oldest_n"] >= 1 and row["gc_pause_max_ms"] > 0
+    assert fresh["gc_oldest_n"] == 0 and fresh["loop_lag_max_ms"] < 100  # row() starts a new window

@@ -18,6 +18,7 @@ import hmac
 import json
 import os
 import time
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from fastapi import Request
@@ -58,6 +59,8 @@ UNSUPPORTED_FIELDS = (  # OpenAI fields and vLLM sampling extras that would chan
 )
 INT64 = 2**63
 ASGI_24 = os.environ.get("TB_SERVE_ASGI_SPEC_24") == "1"
+# When the server first saw the request (Guard), for the serve trace's arrival → handler stage
+ARRIVED: ContextVar[float] = ContextVar("turbo_batch_arrived", default=0.0)
 
 
 class ApiError(Exception):
@@ -221,6 +224,7 @@ class Guard:
             return await self.app(scope, receive, send)
         if ASGI_24:  # experiment: Starlette streams without its disconnect-listener task (ASGI 2.4)
             scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.4"}}
+        ARRIVED.set(time.time())
         api, path = self.api, scope.get("path", "")
         route = path if path in KNOWN_ROUTES else "other"
         headers = dict(scope.get("headers") or [])

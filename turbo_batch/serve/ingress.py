@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, load_tokenizer
 from turbo_batch.serve.client import EngineClient, HandleEngine
 from turbo_batch.serve.http import (
+    ARRIVED,
     ApiError,
     ChatRequest,
     ClassifyRequest,
@@ -41,6 +42,7 @@ from turbo_batch.serve.http import (
     until_disconnect,
     validated,
 )
+from turbo_batch.serve.loopwatch import LoopWatch
 from turbo_batch.serve.wire import Body, Chunks, logprobs_count, sampling, trace_row
 from turbo_batch.serve.wire import chain as _chain
 
@@ -87,6 +89,8 @@ class Api:
         self.inflight = 0
         self.registry, self.metrics = make_metrics()
         self._info: dict[str, Any] | None = None
+        self.watch = LoopWatch() if self.trace else None  # loop lag + GC pauses, into the trace
+        self._watch_at = time.monotonic()
 
     def __serve_build_asgi_app__(self) -> Any:
         app = FastAPI(title="turbo-batch", docs_url=None, redoc_url=None, openapi_url=None)
@@ -321,6 +325,8 @@ class Api:
         t_req = time.time()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         trace = self.trace is not None and req.stream
+        if self.watch is not None:
+            self.watch.start()
         gen = self.engine.generate(ids, sampling(req, max_tokens), rid, stream=req.stream, trace=trace)
         try:  # the first item (or error) decides the status code, before any byte is sent
             first = await gen.__anext__()
@@ -347,7 +353,7 @@ class Api:
             self.metrics["tokens"].labels("completion").inc(body.tokens)
             return JSONResponse(body.json(len(ids)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        stamps = {"t_req": t_req, "t_first": t_first} if trace else None
+        stamps = {"t_arrive": ARRIVED.get() or t_req, "t_req": t_req, "t_first": t_first} if trace else None
         return StreamingResponse(
             self._sse(first, gen, Chunks(meta, chat, want_lp), len(ids), include_usage, stamps),
             media_type="text/event-stream",
@@ -365,6 +371,7 @@ class Api:
     ) -> AsyncIterator[str]:
         n = items = 0
         hops: list[float] = []
+        sent: list[float] = []  # when each SSE event was handed to the server (trace only)
         try:
             if chunks.chat:
                 yield chunks.role()
@@ -377,8 +384,8 @@ class Api:
                         stamps.update(t_in=item.get("t_in", item["t"]), t_engine=item["t"])
                 if item["text"] or item["finish_reason"] or item.get("logprobs"):
                     yield chunks.delta(item)
-                    if stamps is not None and "t_sse" not in stamps:
-                        stamps["t_sse"] = time.time()
+                    if stamps is not None:
+                        sent.append(time.time())
             if include_usage:
                 yield chunks.usage(prompt_len, n)
             yield "data: [DONE]\n\n"
@@ -390,4 +397,7 @@ class Api:
             await gen.aclose()
             self.metrics["tokens"].labels("completion").inc(n)
             if stamps is not None and self.trace is not None:
-                self.trace.write(json.dumps(trace_row(stamps, hops, items, n)) + "\n")
+                self.trace.write(json.dumps(trace_row(stamps, hops, items, n, sent)) + "\n")
+                if self.watch is not None and time.monotonic() - self._watch_at > 2.0:
+                    self._watch_at = time.monotonic()
+                    self.trace.write(json.dumps(self.watch.row()) + "\n")

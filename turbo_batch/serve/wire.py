@@ -12,6 +12,7 @@ handling, no engine calls.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -155,18 +156,31 @@ async def chain(first: Any, gen: Any) -> AsyncIterator[Any]:
         yield item
 
 
-def trace_row(s: dict[str, float], hops: list[float], items: int, tokens: int) -> dict[str, float]:
-    """Stage times of one stream (ms): request → handle call → replica → first engine output →
-    back at the ingress → first SSE event; plus the mean replica→ingress hop over all items."""
+def trace_row(
+    s: dict[str, float], hops: list[float], items: int, tokens: int, sent: list[float] | None = None
+) -> dict[str, float]:
+    """Stage times of one stream (ms): arrival → handler (body, validation, tokenization) → handle call
+    → replica → first engine output → back at the ingress → first SSE event; the mean replica→ingress
+    hop over all items; and how the events left: the gaps between consecutive SSE events (median and
+    largest) and first → last event. The client's inter-token gaps against these say whether tokens
+    were held up before the server wrote them or after."""
     ms = 1000.0
+    sent = sent or []
+    gaps = sorted(b - a for a, b in itertools.pairwise(sent))
+    t_sse = sent[0] if sent else s.get("t_sse", s["t_first"])
     return {
         "items": items,
         "tokens": tokens,
+        "events": len(sent),
+        "arrive_to_handler_ms": (s["t_req"] - s.get("t_arrive", s["t_req"])) * ms,
         "ingress_to_replica_ms": (s.get("t_in", s["t_req"]) - s["t_req"]) * ms,
         "engine_first_output_ms": (s.get("t_engine", s["t_req"]) - s.get("t_in", s["t_req"])) * ms,
         "replica_to_ingress_first_ms": (s["t_first"] - s.get("t_engine", s["t_first"])) * ms,
-        "ingress_first_sse_ms": (s.get("t_sse", s["t_first"]) - s["t_first"]) * ms,
-        "server_ttft_ms": (s.get("t_sse", s["t_first"]) - s["t_req"]) * ms,
+        "ingress_first_sse_ms": (t_sse - s["t_first"]) * ms,
+        "server_ttft_ms": (t_sse - s.get("t_arrive", s["t_req"])) * ms,
         "hop_mean_ms": (sum(hops) / len(hops) * ms) if hops else 0.0,
         "tokens_per_item": tokens / max(items, 1),
+        "sse_gap_p50_ms": (gaps[len(gaps) // 2] * ms) if gaps else 0.0,
+        "sse_gap_max_ms": (gaps[-1] * ms) if gaps else 0.0,
+        "sse_stream_ms": ((sent[-1] - sent[0]) * ms) if sent else 0.0,
     }

@@ -1,0 +1,107 @@
+"""Where a serving process spends its Python time under load: py-spy, sampled while a benchmark runs.
+
+`Recording.start(pid, seconds, out)` runs `py-spy record --gil --threads --format raw` on a process
+(non-blocking: the process is not paused), and `summary(out)` reads the collapsed stacks back into
+what the benchmark results keep: the share of samples per thread (with --gil, a sample is the
+thread holding the GIL, so the shares say who keeps the interpreter busy), and the top functions by
+self and by inclusive samples. Used by bench_serve.py (--profile); nothing here is turbo-batch code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+_FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^():]*)(?::\d+)?\)$")
+
+
+def pyspy_binary() -> str | None:
+    """py-spy from $PY_SPY, PATH, beside this Python, or the GPU kit's /root/site/bin."""
+    for c in (
+        os.environ.get("PY_SPY"),
+        shutil.which("py-spy"),
+        str(Path(sys.executable).parent / "py-spy"),
+        "/root/site/bin/py-spy",
+    ):
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def find_pid(pattern: str) -> int | None:
+    """The oldest process whose command line matches `pattern` (pgrep -f)."""
+    r = subprocess.run(["pgrep", "-o", "-f", pattern], capture_output=True, text=True, check=False)
+    return int(r.stdout.split()[0]) if r.stdout.split() else None
+
+
+class Recording:
+    def __init__(self, proc: subprocess.Popen | None, out: Path, error: str | None = None, ticks: int = 0):
+        self.proc, self.out, self.error, self.ticks = proc, out, error, ticks
+
+    @classmethod
+    def start(cls, pid: int | None, seconds: int, out: Path, rate: int = 200) -> Recording:
+        exe = pyspy_binary()
+        if exe is None or pid is None:
+            return cls(None, out, "no py-spy binary" if exe is None else "process not found")
+        cmd = [exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(rate)]
+        cmd += ["--gil", "--threads", "--nonblocking", "--format", "raw", "--output", str(out)]
+        log = out.with_suffix(".log").open("w")
+        return cls(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out, ticks=seconds * rate)
+
+    def finish(self, timeout: float = 60) -> dict[str, Any]:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                self.proc.wait(10)
+        if self.error:
+            return {"error": self.error}
+        if not self.out.exists():
+            log = self.out.with_suffix(".log")
+            text = log.read_text(errors="replace")[-500:] if log.exists() else ""
+            return {"error": f"py-spy wrote nothing: {text.strip()}"}
+        return summary(self.out, ticks=self.ticks)
+
+
+def _frame(text: str) -> str:
+    m = _FRAME.match(text.strip())
+    if not m:
+        return text.strip()
+    return f"{m['fn']} ({Path(m['file']).name})"
+
+
+def summary(path: Path, top: int = 25, ticks: int = 0) -> dict[str, Any]:
+    """Thread shares and the top frames of a `py-spy record --format raw --threads` file; with the
+    number of sampling ticks, `gil_busy` is the share of ticks at which some thread held the GIL."""
+    threads: Counter[str] = Counter()
+    self_: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread, frames = frames[0], [_frame(f) for f in frames[1:]]
+        total += n
+        threads[re.sub(r"\s*\((?:0x[0-9a-f]+|\d+)\)", "", thread).strip() or thread] += n
+        if frames:
+            self_[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    share = {k: round(v / total, 4) for k, v in threads.most_common(10)} if total else {}
+    return {
+        "samples": total,
+        "gil_busy": round(total / ticks, 4) if ticks else None,
+        "thread_share": share,
+        "top_self": [[f, round(n / total, 4)] for f, n in self_.most_common(top)] if total else [],
+        "top_inclusive": [[f, round(n / total, 4)] for f, n in incl.most_common(top)] if total else [],
+    }
