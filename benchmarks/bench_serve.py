@@ -6,7 +6,8 @@ concurrency: `vllm bench serve` where it exists (`--loadgen vllm`), else a small
 generator with the same metrics (request throughput, TTFT, ITL, TPOT; benchmarks/bench_serve_load.py).
 Variants: vllm (`python -m vllm.entrypoints.openai.api_server`), turbo (Api ingress + Engine
 deployment), turbo-2ingress (two ingress replicas), turbo-colocated (the Engine is the ingress behind
-Serve's proxy), turbo-direct (the default layout: each Engine replica serves HTTP on its own port).
+Serve's proxy), turbo-direct (the default layout: each Engine replica serves HTTP on its own port),
+turbo-plain (serve_plain.py: turbo-direct's code in a plain process without Ray, a control).
 Results are written after every variant, so one failing variant never loses the others'.
 
     python benchmarks/bench_serve.py --preset cpu-tiny             # this CPU: tiny random Gemma 4
@@ -85,9 +86,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_cpus": 16,
     },
 }
-VARIANTS = ("vllm", "turbo-direct", "turbo", "turbo-2ingress", "turbo-colocated")
+VARIANTS = ("vllm", "turbo-direct", "turbo-plain", "turbo", "turbo-2ingress", "turbo-colocated")
 LAYOUTS = {
     "turbo-direct": "direct",
+    "turbo-plain": "direct",  # serve_plain.py: the direct layout's code in a plain process, no Ray
     "turbo-colocated": "colocated",
     "turbo": "split",
     "turbo-2ingress": "split",
@@ -288,6 +290,8 @@ def run_variant(name: str, path: Path, args: dict, preset: dict, a: argparse.Nam
         f = workdir / f"serve-{name}.yaml"
         f.write_text(yaml.safe_dump(serve_file(path, preset["engine"], port, variant, preset["num_cpus"])))
         cmd, ready = [sys.executable, "-m", "turbo_batch.cli", "serve", str(f)], f"{base}/health"
+        if variant == "turbo-plain":
+            cmd = [sys.executable, str(REPO / "benchmarks" / "serve_plain.py"), str(f), "--port", str(port)]
         if a.trace:
             env["TURBO_BATCH_TRACE"] = str(workdir / f"trace-{name}.jsonl")
             (workdir / f"trace-{name}.jsonl").unlink(missing_ok=True)
@@ -301,7 +305,8 @@ def run_variant(name: str, path: Path, args: dict, preset: dict, a: argparse.Nam
         if a.profile:  # the process that serves HTTP: vllm's API server, turbo's Engine replica
 
             def profile(wl: str) -> Recording:
-                pid = server.proc.pid if variant == "vllm" else find_pid(r"ServeReplica:.*:Engine")
+                plain = variant in ("vllm", "turbo-plain")
+                pid = server.proc.pid if plain else find_pid(r"ServeReplica:.*:Engine")
                 return Recording.start(pid, a.profile, workdir / f"pyspy-{name}-{wl}.txt")
 
         result["workloads"] = measure(base, path, preset, a.loadgen, workdir, None, profile)
@@ -356,7 +361,7 @@ def markdown(d: dict[str, Any]) -> str:
             p = m.get("profile")
             if p and "error" not in p:
                 top = ", ".join(f"{f} {s:.0%}" for f, s in p["top_self"][:8])
-                lines += ["", f"py-spy --gil, {v} {wl}: GIL held {p['gil_busy']:.0%} of the time; threads "
+                lines += ["", f"py-spy, {v} {wl}: {p['samples']} samples; busy share per thread "
                           f"`{json.dumps(p['thread_share'])}`; top self: {top}"]  # fmt: skip
             elif p:
                 lines += ["", f"py-spy, {v} {wl}: {p['error']}"]

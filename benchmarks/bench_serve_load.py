@@ -148,4 +148,10 @@ def trace_summary(path: Path) -> dict[str, float] | None:
         out["gc_pause_max_ms"] = round(max(r["gc_pause_max_ms"] for r in loops), 2)
         out["gc_oldest_n"] = sum(r["gc_oldest_n"] for r in loops)
         out["gc_frozen"] = max(r["gc_frozen"] for r in loops)
+        stalls: dict[str, int] = {}
+        for r in loops:
+            for stack, n in r.get("stall_stacks", []):
+                stalls[stack] = stalls.get(stack, 0) + n
+        out["stall_samples"] = sum(r.get("stall_samples", 0) for r in loops)
+        out["stall_stacks"] = sorted(stalls.items(), key=lambda kv: -kv[1])[:6]
     return out

@@ -1,10 +1,10 @@
 """Where a serving process spends its Python time under load: py-spy, sampled while a benchmark runs.
 
-`Recording.start(pid, seconds, out)` runs `py-spy record --gil --threads --format raw` on a process
-(non-blocking: the process is not paused), and `summary(out)` reads the collapsed stacks back into
-what the benchmark results keep: the share of samples per thread (with --gil, a sample is the
-thread holding the GIL, so the shares say who keeps the interpreter busy), and the top functions by
-self and by inclusive samples. Used by bench_serve.py (--profile); nothing here is turbo-batch code.
+`Recording.start(pid, seconds, out)` runs `py-spy record --threads --format raw` on a process
+(non-blocking: the process is not paused; idle threads are not sampled), and `summary(out)` reads the
+collapsed stacks back into what the benchmark results keep: how busy each thread was (its samples
+per sampling tick: 1.0 is a thread that never waited), and the top functions by self and by
+inclusive samples. (`--gil` gave ~1 sample a second on the H200 host's Python 3.12: not used.) Used by bench_serve.py (--profile); nothing here is turbo-batch code.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Recording:
         if exe is None or pid is None:
             return cls(None, out, "no py-spy binary" if exe is None else "process not found")
         cmd = [exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(rate)]
-        cmd += ["--gil", "--threads", "--nonblocking", "--format", "raw", "--output", str(out)]
+        cmd += ["--threads", "--nonblocking", "--format", "raw", "--output", str(out)]
         log = out.with_suffix(".log").open("w")
         return cls(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out, ticks=seconds * rate)
 
@@ -78,8 +78,8 @@ def _frame(text: str) -> str:
 
 
 def summary(path: Path, top: int = 25, ticks: int = 0) -> dict[str, Any]:
-    """Thread shares and the top frames of a `py-spy record --format raw --threads` file; with the
-    number of sampling ticks, `gil_busy` is the share of ticks at which some thread held the GIL."""
+    """Per-thread busy shares and the top frames of a `py-spy record --format raw --threads` file.
+    With `ticks` (seconds × rate) a thread's share is its samples per tick, else per sample."""
     threads: Counter[str] = Counter()
     self_: Counter[str] = Counter()
     incl: Counter[str] = Counter()
@@ -97,10 +97,11 @@ def summary(path: Path, top: int = 25, ticks: int = 0) -> dict[str, Any]:
             self_[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
-    share = {k: round(v / total, 4) for k, v in threads.most_common(10)} if total else {}
+    per = ticks or total
+    share = {k: round(v / per, 4) for k, v in threads.most_common(10)} if per else {}
     return {
         "samples": total,
-        "gil_busy": round(total / ticks, 4) if ticks else None,
+        "ticks": ticks or None,
         "thread_share": share,
         "top_self": [[f, round(n / total, 4)] for f, n in self_.most_common(top)] if total else [],
         "top_inclusive": [[f, round(n / total, 4)] for f, n in incl.most_common(top)] if total else [],

@@ -53,6 +53,20 @@ REPLICA_ENV: dict[str, str] = {k: v for k in ("TURBO_BATCH_TRACE",) if (v := os.
 )
 
 
+def api_config(spec: ServeSpec, *, key: str | None) -> dict[str, Any]:
+    """What the routes (ingress.Api) are built from: model, limits, classifiers, key."""
+    return {
+        "model_name": spec.model_name,
+        "model": spec.model.model_dump(mode="json"),
+        "limits": spec.limits.model_dump(exclude=GATE_FIELDS),  # the gate goes by user_config
+        "classifiers": {
+            name: {"task": c.task().model_dump(mode="json"), "prompt": c.prompt.model_dump(mode="json")}
+            for name, c in spec.classifiers.items()
+        },
+        "api_key": key,
+    }
+
+
 def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> Any:
     """The Serve application (Api ingress bound to the Engine deployment) for `spec`."""
     import ray
@@ -66,16 +80,7 @@ def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> A
     replicas = spec.engines if spec.engines != "auto" else max(gpus, 1)
     lim = spec.limits
     model = spec.model.model_dump(mode="json")
-    config = {
-        "model_name": spec.model_name,
-        "model": model,
-        "limits": lim.model_dump(exclude=GATE_FIELDS),  # the gate goes by user_config: no ingress restart
-        "classifiers": {
-            name: {"task": c.task().model_dump(mode="json"), "prompt": c.prompt.model_dump(mode="json")}
-            for name, c in spec.classifiers.items()
-        },
-        "api_key": key,
-    }
+    config = api_config(spec, key=key)
     env = {**ENGINE_ENV, **REPLICA_ENV}
     engine_opts: dict[str, Any] = {
         "name": ENGINE_DEPLOYMENT,

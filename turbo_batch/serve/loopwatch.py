@@ -3,18 +3,24 @@
 A streaming server is as fast as its event loop: every token of every stream waits for its turn on
 it. `LoopWatch` measures the two things that hold a loop up — callbacks that run long (a sleeper task
 notes how late it wakes: the loop's lag) and garbage-collection pauses (gc.callbacks, per
-generation) — and hands back one summary row per window for the trace file (ingress.py writes it
-when TURBO_BATCH_TRACE is set). It changes nothing it measures. Must not touch: routes, the engine.
+generation) — and, when the loop has not ticked for STALL_S, a watchdog thread takes the loop
+thread's Python stack (every STALL_S while the stall lasts), so a stall names its code. One summary
+row per window goes to the trace file (ingress.py writes it when TURBO_BATCH_TRACE is set). It
+changes nothing it measures. Must not touch: routes, the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import sys
+import threading
 import time
+from collections import Counter
 from typing import Any
 
 PERIOD_S = 0.005  # the sleeper's nap: lag is how much later than this it wakes
+STALL_S = 0.1  # a loop silent this long is stalled: the watchdog samples its stack this often
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -22,6 +28,16 @@ def _pct(xs: list[float], q: float) -> float:
         return 0.0
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _stack(frame: Any, depth: int = 14) -> str:
+    """'file:function:line < caller < ...' of the innermost `depth` frames ('idle' outside Python)."""
+    parts = []
+    while frame is not None and len(parts) < depth:
+        code = frame.f_code
+        parts.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}:{frame.f_lineno}")
+        frame = frame.f_back
+    return " < ".join(parts) or "idle"
 
 
 class LoopWatch:
@@ -34,6 +50,10 @@ class LoopWatch:
         self._since = time.monotonic()
         self._task: asyncio.Task | None = None
         self.frozen = 0  # objects in gc's permanent generation (Ray Serve freezes a replica's start-up heap)
+        self.stalls: Counter[str] = Counter()  # loop-thread stack → samples taken while stalled
+        self._tick = time.perf_counter()
+        self._loop_thread = 0
+        self._stop = threading.Event()
 
     def start(self) -> None:
         if self._task is not None:
@@ -42,8 +62,12 @@ class LoopWatch:
         gc.callbacks.append(self._on_gc)
         self._task = asyncio.get_running_loop().create_task(self._sleeper())
         self._since = time.monotonic()
+        self._loop_thread, self._tick = threading.get_ident(), time.perf_counter()
+        self._stop.clear()
+        threading.Thread(target=self._watchdog, name="turbo-batch-loopwatch", daemon=True).start()
 
     def stop(self) -> None:
+        self._stop.set()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -60,14 +84,22 @@ class LoopWatch:
         while True:
             t = time.perf_counter()
             await asyncio.sleep(PERIOD_S)
-            self.lags.append(time.perf_counter() - t - PERIOD_S)
+            self._tick = now = time.perf_counter()
+            self.lags.append(now - t - PERIOD_S)
+
+    def _watchdog(self) -> None:
+        while not self._stop.wait(STALL_S):
+            if time.perf_counter() - self._tick > STALL_S:
+                frame = sys._current_frames().get(self._loop_thread)
+                self.stalls[_stack(frame)] += 1
 
     def row(self) -> dict[str, Any]:
         """Summary of the window since the last call (milliseconds), then a fresh window."""
         ms = 1000.0
         now = time.monotonic()
-        lags, pauses = self.lags, self.pauses
+        lags, pauses, stalls = self.lags, self.pauses, self.stalls
         self.lags, self.pauses, since, self._since = [], {0: [], 1: [], 2: []}, self._since, now
+        self.stalls = Counter()
         all_pauses = [p for ps in pauses.values() for p in ps]
         return {
             "kind": "loop",
@@ -80,4 +112,6 @@ class LoopWatch:
             "gc_oldest_n": len(pauses.get(2, [])),
             "gc_oldest_max_ms": max(pauses.get(2, []), default=0.0) * ms,
             "gc_frozen": self.frozen,
+            "stall_samples": sum(stalls.values()),
+            "stall_stacks": stalls.most_common(5),
         }
