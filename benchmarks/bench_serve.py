@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_serve_load import run_load, summarize  # noqa: E402
-from pyspy import Recording, find_pid  # noqa: E402
+from pyspy import Recording, cpu_s, find_pid  # noqa: E402
 
 CPU_ENGINE = {"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 1024 * 1024, "max_num_seqs": 64}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -241,22 +241,34 @@ def vllm_bench(base: str, tok: Path, wl: dict[str, Any], conc: int, out: Path) -
         "failed": d.get("failed", 0),
         "req_s": d.get("request_throughput"),
         "output_tok_s": d.get("output_throughput"),
+        "output_tokens": d.get("total_output_tokens"),
+        "duration_s": d.get("duration"),
         **{f"{k}_ms": d.get(f"{k}_ms") for k in ("median_ttft", "p99_ttft", "median_itl", "p99_itl")},
         **{f"{k}_ms": d.get(f"{k}_ms") for k in ("median_tpot", "p99_tpot", "mean_itl")},
     }
 
 
 def measure(
-    base: str, tok: Path, preset: dict, loadgen: str, workdir: Path, key: str | None, profile: Any = None
+    base: str,
+    tok: Path,
+    preset: dict,
+    loadgen: str,
+    workdir: Path,
+    key: str | None,
+    profile: Any = None,
+    front: int | None = None,
 ) -> dict:
     """Each workload's figures; `profile(name)` (if given) starts a py-spy Recording of the serving
-    process for the first workload, whose summary lands in that workload's entry."""
+    process for the first workload, whose summary lands in that workload's entry. `front` is the pid
+    of the process that serves HTTP and runs vLLM's output processing (detokenization): its CPU
+    seconds per 1,000 output tokens are what a saturated front shows."""
     out: dict[str, Any] = {}
     conc = preset["concurrency"]
     asyncio.run(run_load(base, "bench", 16, conc, min(conc, 16), 4, key=key))  # warm-up
     for i, wl in enumerate(preset["workloads"]):
         log(f"  {wl['name']}: {wl['prompts']} prompts at concurrency {conc} ({loadgen})")
         rec = profile(wl["name"]) if profile is not None and i == 0 else None
+        cpu0 = cpu_s(front)
         if loadgen == "vllm":
             out[wl["name"]] = vllm_bench(base, tok, wl, conc, workdir)
         else:
@@ -264,6 +276,12 @@ def measure(
                 run_load(base, "bench", wl["input"], wl["output"], wl["prompts"], conc, key=key)
             )
             out[wl["name"]] = {"loadgen": "builtin", **summarize(recs, took)}
+        cpu1 = cpu_s(front)
+        m = out[wl["name"]]
+        tokens = m.get("output_tokens") or (m.get("output_tok_s") or 0) * (m.get("duration_s") or 0)
+        if cpu0 is not None and cpu1 is not None and tokens:
+            m["front_cpu_s"] = round(cpu1 - cpu0, 2)
+            m["front_cpu_ms_per_1k_tokens"] = round((cpu1 - cpu0) * 1e6 / tokens, 1)
         if rec is not None:
             out[wl["name"]]["profile"] = rec.finish()
             log(f"    py-spy: {json.dumps(out[wl['name']]['profile'])[:600]}")
@@ -301,15 +319,16 @@ def run_variant(name: str, path: Path, args: dict, preset: dict, a: argparse.Nam
     try:
         server.wait_ready(ready, preset["start_timeout"])
         result: dict[str, Any] = {"start_s": round(time.monotonic() - t0, 1)}
+        # the process that serves HTTP: vllm's API server, turbo's Engine replica (or serve_plain.py)
+        plain = variant in ("vllm", "turbo-plain")
+        front = server.proc.pid if plain else find_pid(r"ServeReplica:.*:Engine")
         profile = None
-        if a.profile:  # the process that serves HTTP: vllm's API server, turbo's Engine replica
+        if a.profile:
 
             def profile(wl: str) -> Recording:
-                plain = variant in ("vllm", "turbo-plain")
-                pid = server.proc.pid if plain else find_pid(r"ServeReplica:.*:Engine")
-                return Recording.start(pid, a.profile, workdir / f"pyspy-{name}-{wl}.txt")
+                return Recording.start(front, a.profile, workdir / f"pyspy-{name}-{wl}.txt")
 
-        result["workloads"] = measure(base, path, preset, a.loadgen, workdir, None, profile)
+        result["workloads"] = measure(base, path, preset, a.loadgen, workdir, None, profile, front)
         if a.trace and variant != "vllm":
             from bench_serve_load import trace_summary
 

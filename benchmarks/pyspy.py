@@ -34,6 +34,15 @@ def pyspy_binary() -> str | None:
     return None
 
 
+def cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far (/proc/<pid>/stat), None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
 def find_pid(pattern: str) -> int | None:
     """The oldest process whose command line matches `pattern` (pgrep -f)."""
     r = subprocess.run(["pgrep", "-o", "-f", pattern], capture_output=True, text=True, check=False)
@@ -50,7 +59,9 @@ class Recording:
         if exe is None or pid is None:
             return cls(None, out, "no py-spy binary" if exe is None else "process not found")
         cmd = [exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", str(rate)]
-        cmd += ["--threads", "--nonblocking", "--format", "raw", "--output", str(out)]
+        cmd += ["--threads", "--format", "raw", "--output", str(out)]
+        # PY_SPY_NATIVE=1: C/Rust frames too (uvloop, tokenizers); py-spy then pauses the process per sample
+        cmd += ["--native"] if os.environ.get("PY_SPY_NATIVE") == "1" else ["--nonblocking"]
         log = out.with_suffix(".log").open("w")
         return cls(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), out, ticks=seconds * rate)
 
