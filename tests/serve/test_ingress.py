@@ -193,3 +193,35 @@ def test_loop_watch_sees_a_blocked_loop_and_a_full_collection():
     assert row["gc_oldest_n"] >= 1 and row["gc_pause_max_ms"] > 0
     assert fresh["gc_oldest_n"] == 0 and fresh["loop_lag_max_ms"] < 100  # row() starts a new window
     assert fresh["stall_samples"] == 0
+
+
+class HeldBackEngine(FakeEngine):
+    """Deltas as vLLM gives them for bytes of a multi-byte character: tokens whose text is still empty."""
+
+    async def generate(self, ids, params, rid, *, stream, trace=False):
+        yield {"text": "", "tokens": 0, "finish_reason": None}  # nothing new: no event
+        yield {"text": "", "tokens": 1, "finish_reason": None}  # a token, its text held back
+        yield {"text": "", "tokens": 1, "finish_reason": None}
+        yield {"text": "é", "tokens": 1, "finish_reason": "length"}
+
+
+def test_every_delta_with_tokens_is_an_event_even_before_its_text(tiny_model):
+    import json
+
+    from turbo_batch.serve.ingress import Api
+
+    limits = {
+        "max_body_bytes": 1 << 20, "max_messages": 8, "max_tokens": 64, "default_max_tokens": 8,
+        "max_inputs": 4, "max_concurrent": 4, "max_online_per_engine": 8, "engine_max_queued": 8,
+    }  # fmt: skip
+    config = {"model_name": "tiny", "model": {"path": str(tiny_model)}, "limits": limits,
+              "classifiers": {}, "api_key": None}  # fmt: skip
+    http = TestClient(Api(HeldBackEngine(), config).__serve_build_asgi_app__())
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
+    lines = [
+        ln for ln in http.post("/v1/completions", json=body).text.splitlines() if ln.startswith("data: ")
+    ]
+    assert lines[-1] == "data: [DONE]"
+    choices = [json.loads(ln[6:])["choices"][0] for ln in lines[:-1]]
+    assert [c["text"] for c in choices] == ["", "", "é"]  # one event per token, as vllm serve sends
+    assert [c["finish_reason"] for c in choices] == [None, None, "length"]

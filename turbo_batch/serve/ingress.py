@@ -382,7 +382,10 @@ class Api:
                     hops.append(time.time() - item["t"])
                     if items == 1:
                         stamps.update(t_in=item.get("t_in", item["t"]), t_engine=item["t"])
-                if item["text"] or item["finish_reason"] or item.get("logprobs"):
+                # every engine delta that carries tokens is an event, also when its text is still
+                # empty (the detokenizer holds back an incomplete UTF-8 sequence, a skipped special
+                # token): the client sees progress per token as from `vllm serve`
+                if item["tokens"] or item["text"] or item["finish_reason"] or item.get("logprobs"):
                     yield chunks.delta(item)
                     if stamps is not None:
                         sent.append(time.time())
