@@ -225,3 +225,14 @@ def test_every_delta_with_tokens_is_an_event_even_before_its_text(tiny_model):
     choices = [json.loads(ln[6:])["choices"][0] for ln in lines[:-1]]
     assert [c["text"] for c in choices] == ["", "", "é"]  # one event per token, as vllm serve sends
     assert [c["finish_reason"] for c in choices] == [None, None, "length"]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True}
+    lines = [
+        ln for ln in http.post("/v1/chat/completions", json=chat).text.splitlines() if ln.startswith("data: ")
+    ]
+    deltas = [json.loads(ln[6:])["choices"][0]["delta"] for ln in lines[:-1]]
+    assert deltas == [
+        {"role": "assistant", "content": ""},
+        {"content": ""},
+        {"content": ""},
+        {"content": "é"},
+    ]

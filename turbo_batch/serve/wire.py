@@ -138,7 +138,10 @@ class Chunks:
         self.offset += len(text)
         fin = "null" if finish is None else _dumps(finish)
         if self.chat:
-            delta = f'{{"content":{_dumps(text)}}}' if text else "{}"
+            # a token whose text is still held back is `"content": ""` (clients concatenate strings);
+            # the closing chunk without text is `{}`, as OpenAI sends it
+            held = not text and item.get("tokens") and finish is None
+            delta = f'{{"content":{_dumps(text)}}}' if text or held else "{}"
             choice = f'{{"index":0,"delta":{delta},"logprobs":{lp},"finish_reason":{fin}}}'
         else:
             choice = f'{{"index":0,"text":{_dumps(text)},"logprobs":{lp},"finish_reason":{fin}}}'
