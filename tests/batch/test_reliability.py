@@ -113,40 +113,54 @@ def test_first_run_completes_and_rerun_skips_everything(cluster_job):
     assert_exactly_once(root / "clean", N)
 
 
-@pytest.mark.parametrize(
-    "fault",
-    [
-        "before_rename:2",
-        "after_rename:3",
-        "after_manifest:2",
-        "before_success:1",
-        "after_rename:1,before_rename:9",
-    ],
-)
-def test_driver_killed_at_a_commit_point_then_resumed(cluster_job, fault):
+# Each fault point of the commit protocol, and the parts the killed run leaves visible (a part holds at
+# most 40 rows; None: every row). The kills are chained on one output dir: each run resumes what the
+# kill before it left and is killed at the next point, so each run proves both a resume and a fault.
+KILLS = [
+    ("before_rename:2", 1),
+    ("after_rename:3", 3),
+    ("after_manifest:2", 2),
+    ("after_rename:1,before_rename:9", 1),  # the first point reached kills
+    ("before_success:1", None),
+]
+
+
+def test_driver_killed_at_each_commit_point_then_resumed(cluster_job):
     root, data = cluster_job
-    name = "kill-" + fault.replace(":", "").replace(",", "-")
-    job = _write_job(root, data, name)
-    out = root / name
-    r = _run_cli(root, job, fault=fault)
-    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
-    assert not (out / SUCCESS).exists()
-    before = visible_ids(out)
-    assert len(before) == len(set(before))
-    # the parts visible after the kill, by where it struck (a part holds at most 40 rows)
-    parts = len(list(out.glob("part-*.parquet")))
-    if fault.startswith("before_success"):
-        assert sorted(before) == list(range(N))
-    else:
-        expected = {"before_rename:2": 1, "after_rename:3": 3, "after_manifest:2": 2}.get(fault, 1)
-        assert parts == expected and 0 < len(before) <= 40 * parts < N
+    job = _write_job(root, data, "kill")
+    out = root / "kill"
+    before: list[int] = []
+    for fault, new_parts in KILLS:
+        parts_before = len(list(out.glob("part-*.parquet")))
+        r = _run_cli(root, job, fault=fault)
+        assert r.returncode == -signal.SIGKILL, (fault, r.returncode, r.stderr[-2000:])
+        if before:  # it resumed from exactly what the previous kill left visible
+            assert f"resuming: {len(before)} of {N} rows already committed" in r.stderr, (
+                fault,
+                r.stderr[-2000:],
+            )
+        else:
+            assert "resuming:" not in r.stderr
+        assert not (out / SUCCESS).exists()
+        ids = visible_ids(out)
+        assert len(ids) == len(set(ids)) and set(before) <= set(ids), fault
+        parts = len(list(out.glob("part-*.parquet"))) - parts_before
+        if new_parts is None:
+            assert sorted(ids) == list(range(N))
+        else:
+            assert parts == new_parts and 0 < len(ids) - len(before) <= 40 * parts and len(ids) < N, (
+                fault,
+                parts,
+            )
+        before = ids
     r = _run_cli(root, job)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming: {N} of {N} rows already committed" in r.stderr
     assert_exactly_once(out, N)
     assert (out / SUCCESS).exists()
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["rows_skipped_already_committed"] == len(before)
-    assert summary["rows_this_run"] == N - len(before)
+    assert summary["rows_skipped_already_committed"] == len(before) == N
+    assert summary["rows_this_run"] == 0
 
 
 def test_driver_killed_from_outside_twice_then_resumed(cluster_job):
