@@ -3,10 +3,11 @@
 Inputs: parquet files/dirs/globs, JSONL files, or a Hugging Face dataset saved with `save_to_disk`
 (its Arrow files are read directly, memory-mapped). `RowSource` is a Ray Data `Datasource`: the
 driver plans read units (a parquet row group, or a whole JSONL/Arrow file) from metadata alone, and
-read tasks run across the cluster. Every row gets `row_id` = its position in the input (files in
-sorted order), or the value of the job's id column; rows already committed by an earlier run are
-dropped inside the read tasks, so a resumed job never re-reads them into the pipeline. This module
-does not render prompts or talk to engines.
+read tasks run across the cluster: one per unit, or one for every unit of a small input (run.py).
+Every row gets `row_id` = its position in the input (files in sorted order), or the value of the
+job's id column; rows already committed by an earlier run are dropped inside the read tasks, so a
+resumed job never re-reads them into the pipeline. This module does not render prompts or talk to
+engines.
 """
 
 from __future__ import annotations
