@@ -25,6 +25,7 @@ import yaml
 
 from tests.helpers import job_dict
 from turbo_batch.batch import order
+from turbo_batch.batch import run as run_module
 from turbo_batch.batch.order import (
     KEY_BYTES,
     SAMPLE_ROWS,
@@ -208,22 +209,36 @@ def _job(tiny_model, inp, out, **prompt):
     )
 
 
-def test_shuffled_many_prefix_input_runs_grouped_with_the_same_outputs(tiny_pool, tiny_model, out_root):
+def test_shuffled_many_prefix_input_runs_grouped_with_the_same_outputs(
+    tiny_pool, tiny_model, out_root, monkeypatch
+):
     table = many_prefix_table()
     pq.write_table(table, out_root / "in.parquet", row_group_size=25)  # 3 read blocks: a global sort
     doc_of = dict(enumerate(table.column("doc_id").to_pylist()))
-    results, received = {}, {}
-    for name, prompt in (("none", {"order": "none"}), ("auto", {}), ("group_by", {"group_by": "doc_id"})):
+    results, received, ids = {}, {}, {}
+    modes = (
+        ("none", {"order": "none"}, 0),
+        ("auto", {}, 0),  # SMALL_INPUT_ROWS 0: a read task per row group and Ray Data's distributed sort
+        ("group_by", {"group_by": "doc_id"}, 0),
+        ("auto-one-task", {}, None),  # the small-input path: read, order and render in one task
+        ("group_by-one-task", {"group_by": "doc_id"}, None),
+    )
+    default = run_module.SMALL_INPUT_ROWS
+    for name, prompt, small_rows in modes:
+        monkeypatch.setattr(run_module, "SMALL_INPUT_ROWS", default if small_rows is None else small_rows)
         pool = RecordingPool(tiny_pool)
         summary = run_job(_job(tiny_model, out_root / "in.parquet", name, **prompt), pool=pool)
         assert summary["rows_ok"] == len(doc_of)
         results[name] = {r["row_id"]: r for r in read_output(out_root / name).to_pylist()}
         received[name] = [doc_of[i] for i in pool.received]
+        ids[name] = list(pool.received)
         assert sorted(pool.received) == sorted(doc_of)
     assert runs(received["none"]) > 2 * DOCS  # input order (blockwise length sort): documents interleave
     assert runs(received["auto"]) == DOCS  # prefix order: each document's rows reach the engine together
     assert runs(received["group_by"]) == DOCS
-    for name in ("auto", "group_by"):
+    # one task orders exactly as the distributed sort does: the same rows in the same sequence
+    assert ids["auto-one-task"] == ids["auto"] and ids["group_by-one-task"] == ids["group_by"]
+    for name in ("auto", "group_by", "auto-one-task", "group_by-one-task"):
         assert results[name].keys() == results["none"].keys()
         for rid, row in results["none"].items():
             other = results[name][rid]

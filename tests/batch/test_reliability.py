@@ -25,7 +25,6 @@ import pytest
 import yaml
 
 from tests.helpers import job_dict, run_cluster_script
-from turbo_batch.batch.pool import Slot
 from turbo_batch.batch.run import run_job
 from turbo_batch.batch.write import MANIFEST, SUCCESS
 from turbo_batch.spec import JobSpec
@@ -113,40 +112,54 @@ def test_first_run_completes_and_rerun_skips_everything(cluster_job):
     assert_exactly_once(root / "clean", N)
 
 
-@pytest.mark.parametrize(
-    "fault",
-    [
-        "before_rename:2",
-        "after_rename:3",
-        "after_manifest:2",
-        "before_success:1",
-        "after_rename:1,before_rename:9",
-    ],
-)
-def test_driver_killed_at_a_commit_point_then_resumed(cluster_job, fault):
+# Each fault point of the commit protocol, and the parts the killed run leaves visible (a part holds at
+# most 40 rows; None: every row). The kills are chained on one output dir: each run resumes what the
+# kill before it left and is killed at the next point, so each run proves both a resume and a fault.
+KILLS = [
+    ("before_rename:2", 1),
+    ("after_rename:3", 3),
+    ("after_manifest:2", 2),
+    ("after_rename:1,before_rename:9", 1),  # the first point reached kills
+    ("before_success:1", None),
+]
+
+
+def test_driver_killed_at_each_commit_point_then_resumed(cluster_job):
     root, data = cluster_job
-    name = "kill-" + fault.replace(":", "").replace(",", "-")
-    job = _write_job(root, data, name)
-    out = root / name
-    r = _run_cli(root, job, fault=fault)
-    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
-    assert not (out / SUCCESS).exists()
-    before = visible_ids(out)
-    assert len(before) == len(set(before))
-    # the parts visible after the kill, by where it struck (a part holds at most 40 rows)
-    parts = len(list(out.glob("part-*.parquet")))
-    if fault.startswith("before_success"):
-        assert sorted(before) == list(range(N))
-    else:
-        expected = {"before_rename:2": 1, "after_rename:3": 3, "after_manifest:2": 2}.get(fault, 1)
-        assert parts == expected and 0 < len(before) <= 40 * parts < N
+    job = _write_job(root, data, "kill")
+    out = root / "kill"
+    before: list[int] = []
+    for fault, new_parts in KILLS:
+        parts_before = len(list(out.glob("part-*.parquet")))
+        r = _run_cli(root, job, fault=fault)
+        assert r.returncode == -signal.SIGKILL, (fault, r.returncode, r.stderr[-2000:])
+        if before:  # it resumed from exactly what the previous kill left visible
+            assert f"resuming: {len(before)} of {N} rows already committed" in r.stderr, (
+                fault,
+                r.stderr[-2000:],
+            )
+        else:
+            assert "resuming:" not in r.stderr
+        assert not (out / SUCCESS).exists()
+        ids = visible_ids(out)
+        assert len(ids) == len(set(ids)) and set(before) <= set(ids), fault
+        parts = len(list(out.glob("part-*.parquet"))) - parts_before
+        if new_parts is None:
+            assert sorted(ids) == list(range(N))
+        else:
+            assert parts == new_parts and 0 < len(ids) - len(before) <= 40 * parts and len(ids) < N, (
+                fault,
+                parts,
+            )
+        before = ids
     r = _run_cli(root, job)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming: {N} of {N} rows already committed" in r.stderr
     assert_exactly_once(out, N)
     assert (out / SUCCESS).exists()
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["rows_skipped_already_committed"] == len(before)
-    assert summary["rows_this_run"] == N - len(before)
+    assert summary["rows_skipped_already_committed"] == len(before) == N
+    assert summary["rows_this_run"] == 0
 
 
 def test_driver_killed_from_outside_twice_then_resumed(cluster_job):
@@ -288,76 +301,6 @@ def test_engine_node_lost_mid_job(tiny_model, tmp_path):
 
 async def _pid(pool) -> int:
     return (await pool.actors[0].info.remote())["pid"]
-
-
-# -------------------------------------------------------------- orchestration with a fake engine (fast)
-
-
-class PoisonEngine:
-    """Answers like an engine, but its process dies whenever a batch holds a poison row."""
-
-    def __init__(self, poison: list[int], deaths: str):
-        self.poison = set(poison)
-        self.deaths = deaths
-
-    def ping(self):
-        return {}
-
-    async def run_rows(self, rows, task, sampling, priority=0, tag=""):
-        if any(r["row_id"] in self.poison for r in rows):
-            with open(self.deaths, "a") as fh:
-                fh.write("x")
-            os._exit(1)
-        await asyncio.sleep(0.01)
-        return [
-            {
-                "row_id": r["row_id"],
-                "label": "positive",
-                "probs": {"positive": 0.75, "negative": 0.25},
-                "prompt_tokens": len(r["prompt_ids"]),
-                "output_tokens": 1,
-            }
-            for r in rows
-        ]
-
-
-class FakePool:
-    def __init__(self, actor):
-        async def call(rows, task, sampling, priority, tag):
-            return await actor.run_rows.remote(rows, task, sampling, priority=priority, tag=tag)
-
-        async def ping():
-            return await actor.ping.remote()
-
-        self.slots = [Slot("fake", call, {"max_model_len": 1024}, capacity=64, ping=ping)]
-
-    async def close(self):
-        pass
-
-
-def test_rows_that_keep_killing_engines_become_error_rows(ray_session, tiny_model, out_root):
-    poison = [7, 130]
-    deaths = out_root / "deaths"
-    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    actor = (
-        ray_session.remote(PoisonEngine)
-        .options(max_restarts=-1, max_task_retries=0, num_cpus=0)
-        .remote(poison, str(deaths))
-    )
-    n = 200
-    pq.write_table(pa.table({"text": _texts(n)}), out_root / "in.parquet")
-    job = JobSpec.model_validate(
-        job_dict(tiny_model, out_root / "in.parquet", "o", cluster={"batch_rows": 16, "max_attempts": 3})
-    )
-    summary = run_job(job, pool=FakePool(actor))
-    rows = {r["row_id"]: r for r in pq.read_table(out_root / "o").to_pylist()}
-    assert_exactly_once(out_root / "o", n)
-    assert sorted(i for i, r in rows.items() if r["error_code"] == "ENGINE_ERROR") == poison
-    assert all(rows[i]["label"] == "positive" for i in rows if i not in poison)
-    assert summary["rows_error"] == 2
-    # Bisection isolates each poison row; then it gets max_attempts tries alone. Bounded, not forever.
-    assert len(deaths.read_text()) <= len(poison) * (4 + 3) + 4
-    ray_session.kill(actor)
 
 
 # ------------------------------------------------------------------------------------ CLI paths

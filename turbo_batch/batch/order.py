@@ -6,6 +6,8 @@
                     bytes, so sorting by the key lays the rows out like a trie walk.
     add_order       ds.map_batches(order_keys).sort("order_key"): Ray Data's own distributed sort (it
                     spills to disk, so a 10M-row input needs bounded memory; the driver never holds keys).
+    order_whole     the same keys and order inside one read task, for an input small enough to be one
+                    block (run.py): no shuffle tasks, no tokenizer on the driver.
     shared_prefix   common prefix of two token-id prompts, for the driver's affinity dispatch.
 
 The key = LEVELS hashes of successive chunks of the prompt's UTF-8 bytes, 4 bytes each, then 8 bytes
@@ -202,6 +204,25 @@ def find_anchor(job: Any, sample: pa.Table) -> int:
     return common_prefix_bytes(texts)
 
 
+def _stage_kwargs(job: Any, anchor: int) -> dict[str, Any]:
+    return {
+        "cfg": PromptConfig.from_job(job),
+        "tokenizer_path": job.model.tokenizer or job.model.path,
+        "trust_remote_code": job.model.trust_remote_code,
+        "group_by": getattr(job.prompt, "group_by", None),
+        "anchor": anchor,
+    }
+
+
+def order_whole(table: pa.Table, *, job: Any, sample: pa.Table | None) -> pa.Table:
+    """The order stage for an input one task holds whole (run.py's small inputs): the same keys and
+    the same order as add_order's distributed sort, without its shuffle tasks; the anchor is found
+    here, in the task, so the driver never loads the tokenizer."""
+    group_by = getattr(job.prompt, "group_by", None)
+    anchor = find_anchor(job, sample) if sample is not None and not group_by else 0
+    return order_keys(table, **_stage_kwargs(job, anchor)).sort_by(KEY_COLUMN)
+
+
 def add_order(ds: Any, job: Any, *, num_cpus: float, sample: pa.Table | None = None) -> Any:
     """The order stage on a Ray Data dataset of input rows (with row_id); returns the sorted dataset.
     `sample`: the input's first rows, to find the job's common prompt prefix (prefix mode only)."""
@@ -212,12 +233,6 @@ def add_order(ds: Any, job: Any, *, num_cpus: float, sample: pa.Table | None = N
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=num_cpus,
-        fn_kwargs={
-            "cfg": PromptConfig.from_job(job),
-            "tokenizer_path": job.model.tokenizer or job.model.path,
-            "trust_remote_code": job.model.trust_remote_code,
-            "group_by": group_by,
-            "anchor": anchor,
-        },
+        fn_kwargs=_stage_kwargs(job, anchor),
     )
     return ds.sort(KEY_COLUMN)

@@ -3,10 +3,11 @@
 Inputs: parquet files/dirs/globs, JSONL files, or a Hugging Face dataset saved with `save_to_disk`
 (its Arrow files are read directly, memory-mapped). `RowSource` is a Ray Data `Datasource`: the
 driver plans read units (a parquet row group, or a whole JSONL/Arrow file) from metadata alone, and
-read tasks run across the cluster. Every row gets `row_id` = its position in the input (files in
-sorted order), or the value of the job's id column; rows already committed by an earlier run are
-dropped inside the read tasks, so a resumed job never re-reads them into the pipeline. This module
-does not render prompts or talk to engines.
+read tasks run across the cluster: one per unit, or one for every unit of a small input (run.py).
+Every row gets `row_id` = its position in the input (files in sorted order), or the value of the
+job's id column; rows already committed by an earlier run are dropped inside the read tasks, so a
+resumed job never re-reads them into the pipeline. This module does not render prompts or talk to
+engines.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,14 +254,38 @@ def _read_fn(
     return read
 
 
+def _one_task_fn(
+    reads: list[Callable[[], Iterator[pa.Table]]], arrange: Callable[[pa.Table], pa.Table] | None
+):
+    """Every unit in one read task; `arrange` (the order stage, order.py) sees the whole input at once."""
+
+    def read() -> Iterator[pa.Table]:
+        blocks = (block for fn in reads for block in fn())
+        if arrange is None:
+            yield from blocks
+            return
+        got = list(blocks)
+        if not got:
+            return
+        table = arrange(pa.concat_tables(got, promote_options="permissive"))
+        for start in range(0, table.num_rows, BLOCK_ROWS):
+            yield table.slice(start, BLOCK_ROWS)
+
+    return read
+
+
 def make_datasource(
     units: Sequence[Unit],
     columns: Sequence[str],
     id_column: str | None,
     committed: pa.Array | None,
     hyg: hygiene.Hygiene | None = None,
+    *,
+    one_task: bool = False,
+    arrange: Callable[[pa.Table], pa.Table] | None = None,
 ):
-    """A Ray Data Datasource over the planned units (imports Ray)."""
+    """A Ray Data Datasource over the planned units (imports Ray): one read task per unit, or with
+    `one_task` (a small input) one task for all of them, whose blocks `arrange` may reorder whole."""
     import ray
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -275,6 +300,12 @@ def make_datasource(
         def get_read_tasks(
             self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
         ):
+            if one_task and units:
+                reads = [_read_fn(u, cols, id_column, committed_ref, hyg) for u in units]
+                size = sum(u.num_rows for u in units) * 512
+                files = list(dict.fromkeys(u.path for u in units))
+                meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=files)
+                return [ReadTask(_one_task_fn(reads, arrange), meta)]
             return [
                 ReadTask(
                     _read_fn(u, cols, id_column, committed_ref, hyg),

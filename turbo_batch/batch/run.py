@@ -2,13 +2,16 @@
 
 Owns: `run_job()` (what `turbo-batch run` calls), `run_plan()` (with a given output dir and, in tests,
 a shared engine pool), `build_dataset()` (the Ray Data pipeline of read and render stages) and
-`open_output()`. Must not touch: the stages' own logic (read.py, render.py, driver.py, write.py,
-report.py); this module only wires them and measures the wall time.
+`open_output()`. An input of at most SMALL_INPUT_ROWS rows runs as one Ray Data task (read, order,
+render) instead of one task per read unit and a distributed sort. Must not touch: the stages' own
+logic (read.py, render.py, driver.py, write.py, report.py); this module only wires them and measures
+the wall time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,10 +23,10 @@ from turbo_batch.batch import openai_batch, report
 from turbo_batch.batch.driver import Driver
 from turbo_batch.batch.html_report import write_report
 from turbo_batch.batch.lock import OutputLock
-from turbo_batch.batch.order import add_order, order_mode
+from turbo_batch.batch.order import add_order, order_mode, order_whole
 from turbo_batch.batch.plan import Plan, preflight
 from turbo_batch.batch.pool import EnginePool, Pool, ServePool
-from turbo_batch.batch.read import make_datasource, read_unit
+from turbo_batch.batch.read import BLOCK_ROWS, make_datasource, read_unit
 from turbo_batch.batch.render import render_block
 from turbo_batch.batch.write import OutputDir
 from turbo_batch.errors import JobError
@@ -32,6 +35,7 @@ from turbo_batch.runtime import connect_ray
 from turbo_batch.spec import JobSpec
 
 PREFETCH_BLOCKS = 8
+SMALL_INPUT_ROWS = BLOCK_ROWS  # an input of at most this many rows is read, ordered and rendered in one task
 Progress = Callable[[int], None]
 
 
@@ -52,13 +56,28 @@ def build_dataset(plan: Plan, committed: pa.Array | None):
     for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.WARNING)
     job = plan.job
-    ds = ray.data.read_datasource(
-        make_datasource(plan.units, plan.columns, job.input.id_column, committed, plan.hygiene),
-        num_cpus=job.cluster.render_cpus,
-    )
     ordered = order_mode(job) != "none"
-    if ordered:  # order.py: rows that share a prompt prefix, grouped across the whole input (a sort)
-        sample = next(read_unit(plan.units[0], plan.columns), None) if plan.units else None
+    # the input's first rows, to find the job's common prompt prefix (order.py; the same on every run)
+    sample = next(read_unit(plan.units[0], plan.columns), None) if ordered and plan.units else None
+    # A small input is one task, read → order → render: every Ray Data task is a fresh worker process
+    # that imports transformers for its tokenizer (~5 s of CPU each), which cost a 400-row job ~50 s
+    # on 2 cores in 11 processes (4 read+key tasks, the sort's shuffle, 4 render tasks).
+    small = plan.total_rows <= SMALL_INPUT_ROWS
+    arrange = functools.partial(order_whole, job=job, sample=sample) if ordered and small else None
+    ds = ray.data.read_datasource(
+        make_datasource(
+            plan.units,
+            plan.columns,
+            job.input.id_column,
+            committed,
+            plan.hygiene,
+            one_task=small,
+            arrange=arrange,
+        ),
+        num_cpus=job.cluster.render_cpus,
+        override_num_blocks=1 if small else None,  # else Ray Data splits its output, into 4 render tasks
+    )
+    if ordered and not small:  # order.py: rows sharing a prompt prefix, grouped across the input (a sort)
         ds = add_order(ds, job, num_cpus=job.cluster.render_cpus, sample=sample)
     ds = ds.map_batches(
         render_block,
