@@ -463,7 +463,10 @@ async def test_a_3x_slower_engine_does_not_hold_up_the_tail(tmp_path):
         fast, slow = PacedEngine("fast", 200.0), PacedEngine("slow", 200.0 / 3)
         wall, got, d = await timed_run(tmp_path / f"{hedge}{k}", [fast, slow], n, hedge=hedge)
         on_fast = sum(r["engine"] == "fast" for r in got.values())
-        assert 0.65 <= on_fast / n <= 0.85, (hedge, on_fast)
+        # pull-based dispatch: each engine's share follows its speed (the rates the fakes really had:
+        # under load the fast one's short sleeps overshoot more, so its share is below the nominal 3/4)
+        share = fast.real_rate() / (fast.real_rate() + slow.real_rate())
+        assert abs(on_fast / n - share) <= 0.1, (hedge, on_fast, round(share, 3))
         assert (fast.slot.done, slow.slot.done) == (on_fast, n - on_fast)
         return wall, n / (fast.real_rate() + slow.real_rate()), d, fast, slow
 
