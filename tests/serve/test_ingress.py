@@ -32,16 +32,21 @@ class FakeEngine:
         yield {"text": "i", "tokens": 1, "finish_reason": "stop", **({"logprobs": lp} if lp else {})}
 
 
-@pytest.fixture()
-def client(tiny_model):
-    from turbo_batch.serve.ingress import Api
-
+def api_config(model, key):
+    """The routes' config (what serve.app.api_config builds from a serve file), small limits."""
     limits = {
         "max_body_bytes": 1 << 20, "max_messages": 8, "max_tokens": 64, "default_max_tokens": 8,
         "max_inputs": 4, "max_concurrent": 4, "max_online_per_engine": 8, "engine_max_queued": 8,
     }  # fmt: skip
-    config = {"model_name": "tiny", "model": {"path": str(tiny_model)}, "limits": limits,
-              "classifiers": {}, "api_key": "k"}  # fmt: skip
+    return {"model_name": "tiny", "model": {"path": str(model)}, "limits": limits, "classifiers": {},
+            "api_key": key}  # fmt: skip
+
+
+@pytest.fixture()
+def client(tiny_model):
+    from turbo_batch.serve.ingress import Api
+
+    config = api_config(tiny_model, key="k")
     engine = FakeEngine()
     api = Api(engine, config)
     return TestClient(api.__serve_build_asgi_app__()), engine
@@ -146,12 +151,7 @@ def test_trace_file_has_stage_times_event_gaps_and_loop_rows(tiny_model, tmp_pat
 
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv("TURBO_BATCH_TRACE", str(trace))
-    limits = {
-        "max_body_bytes": 1 << 20, "max_messages": 8, "max_tokens": 64, "default_max_tokens": 8,
-        "max_inputs": 4, "max_concurrent": 4, "max_online_per_engine": 8, "engine_max_queued": 8,
-    }  # fmt: skip
-    config = {"model_name": "tiny", "model": {"path": str(tiny_model)}, "limits": limits,
-              "classifiers": {}, "api_key": None}  # fmt: skip
+    config = api_config(tiny_model, key=None)
     api = Api(TracedEngine(), config)
     api._watch_at = time.monotonic() - 10  # the next traced stream also writes a loop row
     http = TestClient(api.__serve_build_asgi_app__())
@@ -210,12 +210,7 @@ def test_every_delta_with_tokens_is_an_event_even_before_its_text(tiny_model):
 
     from turbo_batch.serve.ingress import Api
 
-    limits = {
-        "max_body_bytes": 1 << 20, "max_messages": 8, "max_tokens": 64, "default_max_tokens": 8,
-        "max_inputs": 4, "max_concurrent": 4, "max_online_per_engine": 8, "engine_max_queued": 8,
-    }  # fmt: skip
-    config = {"model_name": "tiny", "model": {"path": str(tiny_model)}, "limits": limits,
-              "classifiers": {}, "api_key": None}  # fmt: skip
+    config = api_config(tiny_model, key=None)
     http = TestClient(Api(HeldBackEngine(), config).__serve_build_asgi_app__())
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}
     lines = [
