@@ -22,8 +22,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_serve_load import run_load, summarize  # noqa: E402
 from pyspy import Recording, cpu_s, find_pid  # noqa: E402
+from serve_procs import Server, free_port, machine, markdown  # noqa: E402
 
 CPU_ENGINE = {"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 1024 * 1024, "max_num_seqs": 64}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -169,59 +168,6 @@ def serve_file(path: Path, engine: dict[str, Any], port: int, variant: str, num_
     }
 
 
-class Server:
-    """One server process group: started, probed until ready, stopped with SIGTERM then SIGKILL."""
-
-    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str]):
-        self.log_path = log_path
-        self.out = log_path.open("w")
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO
-        )
-
-    def wait_ready(self, url: str, timeout: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {tail(self.log_path)}")
-            try:
-                if httpx.get(url, timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"not ready after {timeout:.0f} s: {tail(self.log_path)}")
-
-    def stop(self, grace: float = 20) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        # Ray workers and vLLM engine cores live in the same session: leave none behind
-        subprocess.run(["pkill", "-KILL", "-s", str(self.proc.pid)], check=False)
-        self.out.close()
-
-
-def tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vllm_bench(base: str, tok: Path, wl: dict[str, Any], conc: int, out: Path) -> dict[str, Any]:
     """`vllm bench serve` (random dataset, streaming completions); its result JSON in our metric names."""
     res = out / f"vb-{wl['name']}-{time.time_ns()}.json"
@@ -337,54 +283,6 @@ def run_variant(name: str, path: Path, args: dict, preset: dict, a: argparse.Nam
         return result
     finally:
         server.stop()
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    try:
-        import vllm
-
-        info["vllm"] = vllm.__version__
-    except Exception:
-        pass
-    if shutil.which("nvidia-smi"):
-        q = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
-        info["gpu"] = subprocess.run(q, capture_output=True, text=True).stdout.strip()
-    return info
-
-
-def markdown(d: dict[str, Any]) -> str:
-    lines = [f"# Serve parity: {d['preset']} ({d['date']})", "", f"Machine: `{json.dumps(d['machine'])}`",
-             f"Engine args (both servers): `{json.dumps(d['engine_args'], default=str)}`",
-             f"Concurrency {d['concurrency']}; streaming /v1/completions, random token prompts, ignore_eos.", "",
-             "| workload | server | req/s | median TTFT ms | P99 TTFT ms | median ITL ms | P99 ITL ms "
-             "| median TPOT ms | failed |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for v, r in d["variants"].items():
-        if "error" in r:
-            lines.append(f"| all | {v} | failed: {r['error'][:120]} | | | | | | |")
-            continue
-        for wl, m in r["workloads"].items():
-            cells = [m.get(k) for k in ("req_s", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms",
-                                         "p99_itl_ms", "median_tpot_ms")]  # fmt: skip
-            txt = " | ".join("—" if c is None else f"{c:,.1f}" if c >= 10 else f"{c:.2f}" for c in cells)
-            lines.append(f"| {wl} | {v} | {txt} | {m.get('failed', 0)} |")
-    for v, r in d["variants"].items():
-        if r.get("trace"):
-            lines += ["", f"Per-stage trace, {v} (median ms): `{json.dumps(r['trace'])}`"]
-    for v, r in d["variants"].items():
-        for wl, m in (r.get("workloads") or {}).items():
-            p = m.get("profile")
-            if p and "error" not in p:
-                top = ", ".join(f"{f} {s:.0%}" for f, s in p["top_self"][:8])
-                lines += ["", f"py-spy, {v} {wl}: {p['samples']} samples; busy share per thread "
-                          f"`{json.dumps(p['thread_share'])}`; top self: {top}"]  # fmt: skip
-            elif p:
-                lines += ["", f"py-spy, {v} {wl}: {p['error']}"]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
