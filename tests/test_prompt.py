@@ -102,3 +102,32 @@ def test_plain_prompt_and_bytes_text(tok):
 
 def test_clean_text_accepts_numbers():
     assert clean_text("t", 42) == "42"
+
+
+class _NoSystemTemplate:
+    """A tokenizer whose chat template refuses a system turn, as Gemma's does."""
+
+    chat_template = "{{ messages }}"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        if any(m["role"] == "system" for m in messages):
+            raise ValueError("System role not supported")
+        return "|".join(f"{m['role']}:{m['content']}" for m in messages) + "|model:"
+
+
+def test_chat_text_folds_a_refused_system_turn_and_names_what_it_cannot_render():
+    from turbo_batch.prompt import apply_chat_template, chat_text
+
+    tok = _NoSystemTemplate()
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "A"},
+    ]
+    assert chat_text(tok, msgs) == "user:S\n\nU|assistant:A|model:"
+    assert apply_chat_template(tok, "U", "S") == "user:S\n\nU|model:"  # jobs render the same way
+    with pytest.raises(ValueError, match="refused these messages"):
+        chat_text(tok, [{"role": "system", "content": "S"}])  # nothing to fold it into
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_text(tok, msgs[1:])

@@ -183,18 +183,30 @@ class PromptBuilder:
         return ids, labels
 
 
+def chat_text(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The chat template's text for OpenAI-style messages, generation prompt added — one rendering for
+    jobs, the serve endpoint and OpenAI batch files. Some templates (Gemma) refuse a system turn: it
+    is then folded into the first user turn. Raises ValueError that names the problem."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template; use /v1/completions")
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception:
+        if messages[0]["role"] != "system" or len(messages) < 2 or messages[1]["role"] != "user":
+            raise ValueError("messages: the model's chat template refused these messages") from None
+    system, user = messages[0]["content"], messages[1]["content"]
+    folded = [{"role": "user", "content": f"{system}\n\n{user}"}, *messages[2:]]
+    try:
+        return tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
+    except Exception as e:
+        raise ValueError(f"messages: the model's chat template refused them ({e})") from None
+
+
 def apply_chat_template(tokenizer: Any, user: str, system: str | None) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}
     ]
-    try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception:
-        if not system:
-            raise
-        # Some chat templates refuse a system role: fold it into the user turn, as Gemma does.
-        folded = [{"role": "user", "content": f"{system}\n\n{user}"}]
-        return tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
+    return chat_text(tokenizer, messages)
 
 
 def first_label_tokens(tokenizer: Any, suffix: str, labels: Sequence[str], chat: bool) -> list[int] | None:

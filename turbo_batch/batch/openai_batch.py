@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from turbo_batch.errors import RowError
+from turbo_batch.prompt import chat_text
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -149,23 +150,11 @@ def render_ids(tokenizer: Any, row: dict[str, Any]) -> list[int]:
         prompt = body["prompt"]
         if isinstance(prompt, str):
             return list(tokenizer.encode(prompt))
-        if any(not isinstance(t, int) or not 0 <= t < len(tokenizer) for t in prompt):
+        vocab = len(tokenizer)
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
             raise ValueError("prompt: token ids must be a non-empty list of ids in the vocabulary")
         return list(prompt)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model has no chat template; use /v1/completions")
-    msgs = body["messages"]
-    try:
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    except Exception:
-        # Some templates (Gemma) refuse a system turn: fold it into the first user turn, as serve does.
-        if msgs[0]["role"] != "system" or len(msgs) < 2 or msgs[1]["role"] != "user":
-            raise ValueError("messages: the model's chat template refused these messages") from None
-        folded = [{"role": "user", "content": f"{msgs[0]['content']}\n\n{msgs[1]['content']}"}, *msgs[2:]]
-        try:
-            text = tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
-        except Exception as e:
-            raise ValueError(f"messages: the model's chat template refused them ({e})") from None
+    text = chat_text(tokenizer, body["messages"])  # as the serve endpoint renders it
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

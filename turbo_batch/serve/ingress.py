@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, load_tokenizer
+from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, chat_text, load_tokenizer
 from turbo_batch.serve.client import EngineClient, HandleEngine
 from turbo_batch.serve.http import (
     ARRIVED,
@@ -165,23 +165,13 @@ class Api:
             raise ApiError(
                 400, f"messages: {len(messages)} messages exceed the limit {self.limits['max_messages']}"
             )
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ApiError(400, "this model has no chat template; use /v1/completions")
         msgs = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages
         ]
         try:
-            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except Exception:
-            # Some templates (Gemma) refuse a system turn: fold it into the first user turn.
-            if msgs[0]["role"] != "system" or len(msgs) < 2 or msgs[1]["role"] != "user":
-                raise ApiError(400, "messages: the model's chat template refused these messages") from None
-            folded = [{"role": "user", "content": f"{msgs[0]['content']}\n\n{msgs[1]['content']}"}, *msgs[2:]]
-            try:
-                text = self.tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=False)
-            except Exception as e:
-                raise ApiError(400, f"messages: the model's chat template refused them ({e})") from None
-        return text
+            return chat_text(self.tokenizer, msgs)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
 
     async def _render_prompt(self, prompt: str | list[int] | list[str]) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -192,7 +182,8 @@ class Api:
             if not prompt:
                 raise ApiError(400, "prompt: must not be empty")
             return await self._encode(prompt, special=True)
-        if not prompt or any(not 0 <= t < len(self.tokenizer) for t in prompt):
+        vocab = len(self.tokenizer)
+        if not prompt or any(not 0 <= t < vocab for t in prompt):
             raise ApiError(400, "prompt: token ids must be a non-empty list of ids in the vocabulary")
         return list(prompt)
 
