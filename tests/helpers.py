@@ -18,6 +18,12 @@ TINY_ENGINE = {"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 1024 * 1024
 TEST_CLUSTER = {"engine_cpus": 0.5, "render_cpus": 0.25, "batch_rows": 16}
 
 
+def fake_classify_result(row: dict, **extra) -> dict:
+    """What a fake engine answers for one classify row (positive at 0.75); `extra` adds fields."""
+    return {"row_id": row["row_id"], "label": "positive", "probs": {"positive": 0.75, "negative": 0.25},
+            "prompt_tokens": len(row["prompt_ids"]), "output_tokens": 1, **extra}  # fmt: skip
+
+
 def job_dict(model: Path, inp: Path | str, out: Path | str, task: dict | None = None, **sections) -> dict:
     """A job mapping for the tiny model with the test cluster settings; sections override parts."""
     job = {

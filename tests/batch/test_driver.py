@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 from ray.exceptions import ActorUnavailableError
 
-from tests.helpers import job_dict
+from tests.helpers import fake_classify_result, job_dict
 from turbo_batch.batch.driver import Driver, Work
 from turbo_batch.batch.plan import Plan
 from turbo_batch.batch.pool import Slot
@@ -57,17 +57,7 @@ class FakeEngine:
                 self.fail_next = False
                 raise ActorUnavailableError(f"{self.name} died", None)
             await self.gate.wait()
-            return [
-                {
-                    "row_id": r["row_id"],
-                    "label": "positive",
-                    "probs": {"positive": 0.75, "negative": 0.25},
-                    "prompt_tokens": len(r["prompt_ids"]),
-                    "output_tokens": 1,
-                    "engine": self.name,
-                }
-                for r in rows
-            ]
+            return [fake_classify_result(r, engine=self.name) for r in rows]
         finally:
             self.inflight -= len(rows)
 
@@ -384,8 +374,7 @@ class PacedEngine(FakeEngine):
             t0 = time.monotonic()
             await asyncio.sleep(self.row_s)
             self.took.append(time.monotonic() - t0)
-        return {"row_id": r["row_id"], "label": "positive", "probs": {"positive": 0.75, "negative": 0.25},
-                "prompt_tokens": len(r["prompt_ids"]), "output_tokens": 1}  # fmt: skip
+        return fake_classify_result(r)
 
     async def call(self, rows, task, sampling, priority, tag):
         ids = [r["row_id"] for r in rows]

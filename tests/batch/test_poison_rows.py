@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.batch.test_reliability import _texts, assert_exactly_once
-from tests.helpers import job_dict
+from tests.helpers import fake_classify_result, job_dict
 from turbo_batch.batch.pool import Slot
 from turbo_batch.batch.run import run_job
 from turbo_batch.spec import JobSpec
@@ -40,16 +40,7 @@ class PoisonEngine:
                 fh.write("x")
             os._exit(1)
         await asyncio.sleep(0.01)
-        return [
-            {
-                "row_id": r["row_id"],
-                "label": "positive",
-                "probs": {"positive": 0.75, "negative": 0.25},
-                "prompt_tokens": len(r["prompt_ids"]),
-                "output_tokens": 1,
-            }
-            for r in rows
-        ]
+        return [fake_classify_result(r) for r in rows]
 
 
 class FakePool:
