@@ -79,8 +79,8 @@ def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> A
         gpus = int(ray.cluster_resources().get("GPU", 0))
     replicas = spec.engines if spec.engines != "auto" else max(gpus, 1)
     lim = spec.limits
-    model = spec.model.model_dump(mode="json")
     config = api_config(spec, key=key)
+    model = config["model"]
     env = {**ENGINE_ENV, **REPLICA_ENV}
     engine_opts: dict[str, Any] = {
         "name": ENGINE_DEPLOYMENT,

@@ -160,7 +160,7 @@ async def chain(first: Any, gen: Any) -> AsyncIterator[Any]:
 
 
 def trace_row(
-    s: dict[str, float], hops: list[float], items: int, tokens: int, sent: list[float] | None = None
+    s: dict[str, float], hops: list[float], items: int, tokens: int, sent: list[float]
 ) -> dict[str, float]:
     """Stage times of one stream (ms): arrival → handler (body, validation, tokenization) → handle call
     → replica → first engine output → back at the ingress → first SSE event; the mean replica→ingress
@@ -168,9 +168,8 @@ def trace_row(
     largest) and first → last event. The client's inter-token gaps against these say whether tokens
     were held up before the server wrote them or after."""
     ms = 1000.0
-    sent = sent or []
     gaps = sorted(b - a for a, b in itertools.pairwise(sent))
-    t_sse = sent[0] if sent else s.get("t_sse", s["t_first"])
+    t_sse = sent[0] if sent else s["t_first"]  # no event sent: the stream ended at its first item
     return {
         "items": items,
         "tokens": tokens,
