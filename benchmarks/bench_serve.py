@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_serve_load import run_load, summarize  # noqa: E402
-from pyspy import Recording, cpu_s, find_pid  # noqa: E402
+from pyspy import Recording, cpu_s, find_pid, thread_cpu, thread_cpu_delta  # noqa: E402
 from serve_procs import Server, free_port, machine, markdown  # noqa: E402
 
 CPU_ENGINE = {"max_model_len": 1024, "kv_cache_memory_bytes": 256 * 1024 * 1024, "max_num_seqs": 64}
@@ -85,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_cpus": 16,
     },
 }
+TOK = REPO / "benchmarks" / "tok"  # gpu-gemma4's tokenizer unless --tok (see benchmarks/make_tok.py)
 VARIANTS = ("vllm", "turbo-direct", "turbo-plain", "turbo", "turbo-2ingress", "turbo-colocated")
 LAYOUTS = {
     "turbo-direct": "direct",
@@ -99,7 +100,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def model_dir(preset: dict[str, Any], workdir: Path, where: str | None = None) -> Path:
+def model_dir(preset: dict[str, Any], workdir: Path, where: str | None = None, tok: Path = TOK) -> Path:
     kind = preset["model"]
     if kind == "tiny":
         from turbo_batch.testing.tiny import write_tiny_gemma4
@@ -113,11 +114,25 @@ def model_dir(preset: dict[str, Any], workdir: Path, where: str | None = None) -
     from bench_batch import build_gemma4  # the batch benchmark's random 1.2B Gemma 4
 
     path = Path(where) if where else workdir / "gemma4-1b2"
-    build_gemma4(path, REPO / "benchmarks" / "tok", weights=True)
+    build_gemma4(path, tok, weights=True)
     import torch
 
     torch.cuda.empty_cache()  # the builder's tensors: give the memory back before the engines start
     return path
+
+
+def tokenizer_info(path: Path) -> dict[str, Any]:
+    """The served model's tokenizer: how many ids it knows, and how many logits the model has."""
+    from tokenizers import Tokenizer
+
+    if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
+        return {}  # a dry run of a GPU preset: no model built
+    cfg = json.loads((path / "config.json").read_text())
+    vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    return {
+        "tokenizer_ids": vocab,
+        "model_vocab": cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size"),
+    }
 
 
 def engine_args(path: Path, engine: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +229,7 @@ def measure(
     for i, wl in enumerate(preset["workloads"]):
         log(f"  {wl['name']}: {wl['prompts']} prompts at concurrency {conc} ({loadgen})")
         rec = profile(wl["name"]) if profile is not None and i == 0 else None
-        cpu0 = cpu_s(front)
+        cpu0, threads0 = cpu_s(front), thread_cpu(front)
         if loadgen == "vllm":
             out[wl["name"]] = vllm_bench(base, tok, wl, conc, workdir)
         else:
@@ -228,6 +243,7 @@ def measure(
         if cpu0 is not None and cpu1 is not None and tokens:
             m["front_cpu_s"] = round(cpu1 - cpu0, 2)
             m["front_cpu_ms_per_1k_tokens"] = round((cpu1 - cpu0) * 1e6 / tokens, 1)
+            m["front_threads_cpu_s"] = thread_cpu_delta(threads0, thread_cpu(front))
         if rec is not None:
             out[wl["name"]]["profile"] = rec.finish()
             log(f"    py-spy: {json.dumps(out[wl['name']]['profile'])[:600]}")
@@ -297,6 +313,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/tb-bench-serve")
     ap.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--model-dir", default=None, help="gpu-gemma4: where to build the random model")
+    ap.add_argument("--tok", default=str(TOK), help="gpu-gemma4: tokenizer files (benchmarks/make_tok.py)")
     ap.add_argument("--prompts-scale", type=float, default=1.0, help="scale every workload's prompt count")
     ap.add_argument("--workloads", default="", help="comma-separated workload names (default: all)")
     ap.add_argument("--trace", action="store_true", help="per-stage timing trace of turbo's variants")
@@ -323,13 +340,14 @@ def main() -> None:
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = (
-        model_dir(preset, workdir, a.model_dir)
+        model_dir(preset, workdir, a.model_dir, Path(a.tok).resolve())
         if not (a.dry_run and preset["model"] == "gpu-gemma4")
         else workdir
     )
     args = engine_args(path, preset["engine"]) if not a.dry_run or preset["model"] != "gpu-gemma4" else {}
     data: dict[str, Any] = {"preset": a.preset, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
                             "engine_args": args, "concurrency": preset["concurrency"],
+                            "tokenizer": tokenizer_info(path),
                             "workloads": preset["workloads"], "loadgen": a.loadgen, "variants": {}}  # fmt: skip
     if a.dry_run:
         print(" ".join(vllm_cli(args or {"model": "M"}, 8000, "bench")))

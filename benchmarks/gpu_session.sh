@@ -13,6 +13,11 @@ set -uo pipefail
 export PYTHONPATH=/root/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
+# The stand-in model's tokenizer (bench/common.py): benchmarks/tok (355 tokens; most generated ids decode
+# to "") or benchmarks/tok-bpe49k (make_tok.py, carried: every id a token). One model folder per tokenizer.
+TOK=${TOK:-benchmarks/tok}
+BB_MODEL=${BB_MODEL:-/root/bb-model-$(basename "$TOK")}
+GEN_ROWS=${GEN_ROWS:-}  # batch-all gen: rows per preset (default: the presets' 1,200 / 4,000)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
   checks)
@@ -22,7 +27,7 @@ case "${1:-}" in
     echo "nvfp4 load rc=$?"; tail -30 "$OUT/nvfp4_load_gpu.log"
     ;;
   bench)
-    timeout 540 python benchmarks/bench_batch.py --preset gpu-gemma4 --workdir /root/bb --model-dir ${BB_MODEL:-/root/bb-model} \
+    timeout 540 python benchmarks/bench_batch.py --preset gpu-gemma4 --workdir /root/bb --model-dir "$BB_MODEL" --tok "$TOK" \
       --results-dir "$OUT" 2>&1 | tail -40 | tee "$OUT/bench.log"
     ;;
   serve)  # online latency idle vs with a --via-serve batch job, gate values of jobs/serve_turbo.yaml
@@ -36,14 +41,14 @@ case "${1:-}" in
   serve-parity)  # issue 10: 1K/200 (256 prompts) and 1K/10 (640 prompts) at concurrency 64, ~100 s per server;
     # SP_PROFILE seconds of py-spy (--gil) on the serving process during 1K/200 (0: none)
     timeout 560 python benchmarks/bench_serve.py --preset gpu-gemma4 --variants "${SP_VARIANTS:-vllm,turbo-direct,turbo,turbo-2ingress}" --workdir "$OUT/serve_parity" \
-      --model-dir ${BB_MODEL:-/root/bb-model} --trace --profile "${SP_PROFILE:-20}" --results-dir "$OUT" \
+      --model-dir "$BB_MODEL" --tok "$TOK" --trace --profile "${SP_PROFILE:-20}" --results-dir "$OUT" \
       > "$OUT/serve_parity.log" 2>&1
     echo "bench_serve rc=$?"; tail -30 "$OUT/serve_parity.log"
     ;;
   prefix)  # issue 11: 1,200 docs x 5 questions, 2 GiB KV: raw shuffled/grouped vs turbo-batch vs ray.data.llm
     # (PREFIX_ARGS, e.g. "--docs 2400 --repeat 2": longer timed windows, fewer runs)
     # ~9 min: 5 engine starts; --budget-s skips a run that would end past 510 s (the results say which)
-    timeout 570 python benchmarks/bench_prefix.py --preset gpu-gemma4 --workdir /root/bp --model-dir ${BB_MODEL:-/root/bb-model} \
+    timeout 570 python benchmarks/bench_prefix.py --preset gpu-gemma4 --workdir /root/bp --model-dir "$BB_MODEL" --tok "$TOK" \
       --results-dir "$OUT" --budget-s 510 ${PREFIX_ARGS:-} 2>&1 | tail -40 | tee "$OUT/prefix.log"
     ;;
   batch-all)  # issue 11 pt 3: unique 1K prompts, 1K/200 and 1K/10 generation, 20 labels; one part per command
@@ -55,17 +60,19 @@ case "${1:-}" in
     for part in $parts; do
       case $part in
         unique) p=gpu-gemma4; extra=(--rows 5000 --variants raw,turbo) ;;
-        gen) p=gpu-gen-200,gpu-gen-10; extra=() ;;  # also writes generate_gpu.json
+        gen) p=gpu-gen-200,gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;  # also writes generate_gpu.json
+        gen200) p=gpu-gen-200; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
+        gen10) p=gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
         labels) p=gpu-20labels; extra=() ;;
-        *) echo "batch-all parts: unique gen labels" >&2; exit 2 ;;
+        *) echo "batch-all parts: unique gen gen200 gen10 labels" >&2; exit 2 ;;
       esac
       timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --workdir "/root/bb-$part" \
-        --model-dir ${BB_MODEL:-/root/bb-model} --results-dir "$OUT" --copy-logs --timeout 400 > "$OUT/batch_$part.log" 2>&1
+        --model-dir "$BB_MODEL" --tok "$TOK" --results-dir "$OUT" --copy-logs --timeout 400 > "$OUT/batch_$part.log" 2>&1
       echo "batch-all $part rc=$?"; tail -25 "$OUT/batch_$part.log"
     done
     ;;
   fleet)  # issue 12 pt 3b (+ issue 11's unique rows): nvidia-h200-x2, both GPUs, ~7 min
-    timeout 570 python benchmarks/bench_fleet.py --workdir /root/bf --model-dir ${BB_MODEL:-/root/bb-model} \
+    timeout 570 python benchmarks/bench_fleet.py --workdir /root/bf --model-dir "$BB_MODEL" --tok "$TOK" \
       --results-dir "$OUT" > "$OUT/fleet.log" 2>&1
     echo "bench_fleet rc=$?"; tail -30 "$OUT/fleet.log"
     ;;
@@ -84,7 +91,7 @@ case "${1:-}" in
       (IFS='+'; for one in $spec; do
          IFS=' '
          # shellcheck disable=SC2086
-         CUDA_VISIBLE_DEVICES=$gpu BB_MODEL=/root/bb-model-$gpu OUT=/tmp/pair-$gpu bash "$0" $one
+         CUDA_VISIBLE_DEVICES=$gpu BB_MODEL=$BB_MODEL-$gpu OUT=/tmp/pair-$gpu bash "$0" $one
          echo "pair gpu$gpu '$one' rc=$?"
        done > "/tmp/pair-$gpu/session.log" 2>&1) &
       pids+=($!)

@@ -43,6 +43,29 @@ def cpu_s(pid: int | None) -> float | None:
         return None
 
 
+def thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds each thread of a process has used so far, summed by thread name (/proc/<pid>/task)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (OSError, TypeError):
+        return out
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def thread_cpu_delta(before: dict[str, float], after: dict[str, float], top: int = 6) -> dict[str, float]:
+    """The `top` thread names by CPU seconds used between two `thread_cpu` snapshots."""
+    d = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in d.items() if v > 0), key=lambda kv: -kv[1])[:top])
+
+
 def find_pid(pattern: str) -> int | None:
     """The oldest process whose command line matches `pattern` (pgrep -f)."""
     r = subprocess.run(["pgrep", "-o", "-f", pattern], capture_output=True, text=True, check=False)

@@ -94,7 +94,8 @@ def machine() -> dict[str, Any]:
 def markdown(d: dict[str, Any]) -> str:
     lines = [f"# Serve parity: {d['preset']} ({d['date']})", "", f"Machine: `{json.dumps(d['machine'])}`",
              f"Engine args (both servers): `{json.dumps(d['engine_args'], default=str)}`",
-             f"Concurrency {d['concurrency']}; streaming /v1/completions, random token prompts, ignore_eos.", "",
+             f"Concurrency {d['concurrency']}; streaming /v1/completions, random token prompts, ignore_eos. "
+             f"Tokenizer: `{json.dumps(d.get('tokenizer'))}`.", "",
              "| workload | server | req/s | median TTFT ms | P99 TTFT ms | median ITL ms | P99 ITL ms "
              "| median TPOT ms | failed |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for v, r in d["variants"].items():
@@ -106,6 +107,11 @@ def markdown(d: dict[str, Any]) -> str:
                                          "p99_itl_ms", "median_tpot_ms")]  # fmt: skip
             txt = " | ".join("—" if c is None else f"{c:,.1f}" if c >= 10 else f"{c:.2f}" for c in cells)
             lines.append(f"| {wl} | {v} | {txt} | {m.get('failed', 0)} |")
+    for v, r in d["variants"].items():
+        for wl, m in (r.get("workloads") or {}).items():
+            if m.get("front_threads_cpu_s"):
+                lines += ["", f"Serving process, {v} {wl}: {m.get('front_cpu_ms_per_1k_tokens')} ms CPU per 1,000 "
+                          f"output tokens; CPU s by thread `{json.dumps(m['front_threads_cpu_s'])}`"]  # fmt: skip
     for v, r in d["variants"].items():
         if r.get("trace"):
             lines += ["", f"Per-stage trace, {v} (median ms): `{json.dumps(r['trace'])}`"]

@@ -27,3 +27,27 @@ def test_summary_of_collapsed_stacks(tmp_path):
     assert summary(path)["thread_share"] == {"thread: MainThread": 0.8, "thread: Worker": 0.2}
     assert s["top_self"][0] == ["step (detokenizer.py)", 0.5]
     assert ["run (base.py)", 0.8] in s["top_inclusive"]
+
+
+def test_thread_cpu_names_the_busy_thread():
+    import os
+    import threading
+    import time
+
+    from pyspy import thread_cpu, thread_cpu_delta
+
+    def spin():
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    before = thread_cpu(os.getpid())
+    t = threading.Thread(target=spin, name="tb-spinner")
+    t.start()
+    time.sleep(0.1)
+    during = thread_cpu(os.getpid())  # while the spinner runs: its CPU is the largest increase
+    t.join()
+    assert thread_cpu(-1) == {}
+    busiest = thread_cpu_delta(before, during, top=1)
+    assert len(busiest) == 1 and next(iter(busiest.values())) >= 0.05
+    assert list(thread_cpu_delta({"a": 1.0, "b": 1.0}, {"a": 1.5, "b": 3.0, "c": 0.0})) == ["b", "a"]

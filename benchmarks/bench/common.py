@@ -218,12 +218,28 @@ def label_token_counts(tokenizer: Any, labels: list[str]) -> list[int]:
 # ------------------------------------------------------------------------------------------ model
 
 
-def gemma4_config():
-    """probe_ray_vllm.py's build(): random Gemma4ForCausalLM ~1.2B, global_head_dim == head_dim."""
+STANDIN_VOCAB = 32768  # the stand-in's vocabulary unless its tokenizer has more tokens
+
+
+def tokenizer_vocab(tok: Path) -> int:
+    """How many ids `tok`'s tokenizer.json knows (base vocabulary + added tokens)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tok / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
+def gemma4_config(vocab_size: int = STANDIN_VOCAB):
+    """probe_ray_vllm.py's build(): random Gemma4ForCausalLM ~1.2B, global_head_dim == head_dim.
+
+    With `benchmarks/tok` (355 tokens) the model's 32,768 logits are mostly ids that tokenizer does not
+    know: a generated id past 355 decodes to "" — fine for one-token classification, but a long
+    generation then never yields text and vLLM's incremental detokenizer re-decodes the whole prompt at
+    every step (~0.44 ms per step at 1K prompt tokens instead of ~2-7 us). `benchmarks/make_tok.py`
+    writes a 49,152-token BPE tokenizer (SmolLM2's) for which every id the model can emit is a token."""
     from transformers import Gemma4TextConfig
 
     cfg = Gemma4TextConfig(
-        vocab_size=32768,
+        vocab_size=vocab_size,
         hidden_size=2560,
         intermediate_size=10240,
         num_hidden_layers=12,
@@ -231,7 +247,7 @@ def gemma4_config():
         num_key_value_heads=4,
         head_dim=256,
         global_head_dim=256,
-        vocab_size_per_layer_input=32768,
+        vocab_size_per_layer_input=vocab_size,
         hidden_size_per_layer_input=0,
         max_position_embeddings=8192,
         sliding_window=1024,
@@ -248,7 +264,14 @@ def build_gemma4(path: Path, tok: Path, weights: bool) -> None:
     if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
         return
     path.mkdir(parents=True, exist_ok=True)
-    cfg = gemma4_config()
+    vocab = tokenizer_vocab(tok)
+    cfg = gemma4_config(max(STANDIN_VOCAB, -(-vocab // 128) * 128))
+    gen = tok / "generation_config.json"  # the tokenizer's special ids, so EOS/BOS/pad agree with it
+    if gen.is_file():
+        ids = json.loads(gen.read_text())
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(ids.get(k), int):
+                setattr(cfg, k, ids[k])
     if weights:
         import torch
         from transformers import Gemma4ForCausalLM
