@@ -357,6 +357,30 @@ def results(
     }
 
 
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results file from the halves of a pair run (`--variants` per GPU, the same rows, seeds and
+    engine args on two GPUs of one host at the same time); refuses halves whose settings differ."""
+
+    def same(d: dict[str, Any]) -> dict[str, Any]:  # the settings but the model folder (one per GPU)
+        engine = {k: v for k, v in d["settings"]["engine_args"].items() if k != "model"}
+        return {k: v for k, v in d["settings"].items() if k != "engine_args"} | {"engine_args": engine}
+
+    if any(same(d) != same(parts[0]) for d in parts[1:]):
+        raise SystemExit("--merge: the halves ran different settings")
+    plan = {"preset": parts[0]["preset"], **parts[0]["settings"]}
+    runs = [r | {"half": i} for i, d in enumerate(parts) for r in d["runs"]]
+    checks = {k: v for d in parts for k, v in d["checks"].items()}
+    data = results(plan, parts[0]["machine"], runs, checks, [x for d in parts for x in d["skipped"]], 0.0)
+    data |= {
+        "date": parts[0]["date"],
+        "git": parts[0]["git"],
+        "bench_wall_s": max(d["bench_wall_s"] for d in parts),
+    }
+    data["note"] = " ".join(filter(None, [d.get("note") for d in parts])) or None
+    data["pair"] = [sorted({r["variant"] for r in d["runs"]}) for d in parts]
+    return data
+
+
 def markdown(d: dict[str, Any]) -> str:
     m, s = d["machine"], d["settings"]
     where = (
@@ -413,6 +437,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None, help="turbo runs and raw pairs (default: preset's)")
     ap.add_argument("--rdl-repeat", type=int, default=None, help="ray.data.llm runs (default: preset's)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip runs that would end past this")
+    ap.add_argument(
+        "--variants",
+        default="turbo,raw,ray_data_llm",
+        help="which to run (one half per GPU of a pair: the same rows, seeds and engine args)",
+    )
     ap.add_argument("--workdir", default=None, help="scratch dir (default: out/bench_prefix/<preset>)")
     ap.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tok", default=str(REPO / "benchmarks" / "tok"), help="gpu-gemma4: tokenizer files")
@@ -420,8 +449,16 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="build rows, job and prompts; run no engine")
     ap.add_argument("--note", default=None, help="a reading of the numbers, stored in the results")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant run")
+    ap.add_argument("--merge", nargs="+", default=None, help="results JSONs of a pair run's halves → one")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.merge:
+        data = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        out = Path(args.results_dir) / f"prefix_{data['preset']}.json"
+        out.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(markdown(data))
+        print(out.with_suffix(".md").read_text())
+        return
     workdir = Path(args.workdir or REPO / "out" / "bench_prefix" / args.preset).resolve()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     if args.child:
@@ -438,7 +475,7 @@ def main() -> None:
     info = run_child(workdir, "probe", args, args.timeout)
     plan = prepare(args, workdir, info)
     bb.log(f"{plan['rows']} rows, prompt tokens {plan['prompt_tokens']}, order stage {plan['order_stage']}")
-    order = schedule(plan["repeat"], plan["rdl_repeat"])
+    order = [v for v in schedule(plan["repeat"], plan["rdl_repeat"]) if v in args.variants.split(",")]
     if args.dry_run:
         from turbo_batch.batch.plan import preflight
         from turbo_batch.spec import load_job

@@ -183,8 +183,12 @@ def serve_file(path: Path, engine: dict[str, Any], port: int, variant: str, num_
     }
 
 
-def vllm_bench(base: str, tok: Path, wl: dict[str, Any], conc: int, out: Path) -> dict[str, Any]:
-    """`vllm bench serve` (random dataset, streaming completions); its result JSON in our metric names."""
+def vllm_bench(
+    base: str, tok: Path, wl: dict[str, Any], conc: int, out: Path, rate: float | None = None
+) -> dict[str, Any]:
+    """`vllm bench serve` (random dataset, streaming completions); its result JSON in our metric names.
+    `rate`: Poisson arrivals at that many requests/s (still at most `conc` in flight), so both servers
+    get the same offered load and their first-token times compare at equal throughput."""
     res = out / f"vb-{wl['name']}-{time.time_ns()}.json"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai", "--base-url", base, "--endpoint",
            "/v1/completions", "--model", "bench", "--tokenizer", str(tok), "--dataset-name", "random",
@@ -192,6 +196,8 @@ def vllm_bench(base: str, tok: Path, wl: dict[str, Any], conc: int, out: Path) -
            "--num-prompts", str(wl["prompts"]), "--max-concurrency", str(conc), "--ignore-eos",
            "--save-result", "--result-dir", str(out), "--result-filename", res.name,
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99"]  # fmt: skip
+    if rate:
+        cmd += ["--request-rate", str(rate), "--seed", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed: {r.stderr[-1500:]}")
@@ -231,7 +237,7 @@ def measure(
         rec = profile(wl["name"]) if profile is not None and i == 0 else None
         cpu0, threads0 = cpu_s(front), thread_cpu(front)
         if loadgen == "vllm":
-            out[wl["name"]] = vllm_bench(base, tok, wl, conc, workdir)
+            out[wl["name"]] = vllm_bench(base, tok, wl, conc, workdir, wl.get("rate"))
         else:
             recs, took = asyncio.run(
                 run_load(base, "bench", wl["input"], wl["output"], wl["prompts"], conc, key=key)
@@ -316,6 +322,11 @@ def main() -> None:
     ap.add_argument("--tok", default=str(TOK), help="gpu-gemma4: tokenizer files (benchmarks/make_tok.py)")
     ap.add_argument("--prompts-scale", type=float, default=1.0, help="scale every workload's prompt count")
     ap.add_argument("--workloads", default="", help="comma-separated workload names (default: all)")
+    ap.add_argument(
+        "--request-rate",
+        default="",
+        help="workload=R,...: Poisson arrivals at R req/s for those workloads (vllm loadgen), not a closed loop",
+    )
     ap.add_argument("--trace", action="store_true", help="per-stage timing trace of turbo's variants")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument(
@@ -328,8 +339,11 @@ def main() -> None:
     preset = json.loads(json.dumps(PRESETS[a.preset]))
     if a.workloads:
         preset["workloads"] = [w for w in preset["workloads"] if w["name"] in a.workloads.split(",")]
+    rates = dict(kv.split("=") for kv in a.request_rate.split(",") if kv)
     for wl in preset["workloads"]:
         wl["prompts"] = max(8, int(wl["prompts"] * a.prompts_scale))
+        if wl["name"] in rates:
+            wl["rate"] = float(rates[wl["name"]])
     if a.loadgen == "auto":
         has_bench = importlib.util.find_spec("vllm.benchmarks.serve") is not None
         a.loadgen = "vllm" if has_bench and a.preset.startswith("gpu") else "builtin"

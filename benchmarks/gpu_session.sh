@@ -39,17 +39,20 @@ case "${1:-}" in
     echo "serve_priority rc=$?"; tail -40 "$OUT/serve.log"
     ;;
   serve-parity)  # issue 10: 1K/200 (256 prompts) and 1K/10 (640 prompts) at concurrency 64, ~100 s per server;
-    # SP_PROFILE seconds of py-spy (--gil) on the serving process during 1K/200 (0: none)
-    timeout 560 python benchmarks/bench_serve.py --preset gpu-gemma4 --variants "${SP_VARIANTS:-vllm,turbo-direct,turbo,turbo-2ingress}" --workdir "$OUT/serve_parity" \
+    # SP_PROFILE seconds of py-spy (--gil) on the serving process during 1K/200 (0: none); SP_ARGS more
+    # bench_serve options (e.g. "--workloads 1K-in-200-out --request-rate 1K-in-200-out=40 --tag _rate40")
+    timeout 560 python benchmarks/bench_serve.py ${SP_ARGS:-} --preset gpu-gemma4 --variants "${SP_VARIANTS:-vllm,turbo-direct,turbo,turbo-2ingress}" --workdir "$OUT/serve_parity" \
       --model-dir "$BB_MODEL" --tok "$TOK" --trace --profile "${SP_PROFILE:-20}" --results-dir "$OUT" \
       > "$OUT/serve_parity.log" 2>&1
     echo "bench_serve rc=$?"; tail -30 "$OUT/serve_parity.log"
     ;;
   prefix)  # issue 11: 1,200 docs x 5 questions, 2 GiB KV: raw shuffled/grouped vs turbo-batch vs ray.data.llm
-    # (PREFIX_ARGS, e.g. "--docs 2400 --repeat 2": longer timed windows, fewer runs)
+    # (PREFIX_ARGS, e.g. "--docs 2400 --repeat 2": longer timed windows, fewer runs; in a pair, PREFIX_ARGS_0 /
+    # PREFIX_ARGS_1 per GPU, e.g. "--variants raw" / "--variants turbo", then bench_prefix.py --merge)
     # ~9 min: 5 engine starts; --budget-s skips a run that would end past 510 s (the results say which)
     timeout 570 python benchmarks/bench_prefix.py --preset gpu-gemma4 --workdir /root/bp --model-dir "$BB_MODEL" --tok "$TOK" \
-      --results-dir "$OUT" --budget-s 510 ${PREFIX_ARGS:-} 2>&1 | tail -40 | tee "$OUT/prefix.log"
+      --results-dir "$OUT" --budget-s "${PREFIX_BUDGET_S:-510}" $(v=PREFIX_ARGS_${PAIR_GPU:-}; echo "${!v:-${PREFIX_ARGS:-}}") \
+      2>&1 | tail -40 | tee "$OUT/prefix.log"
     ;;
   batch-all)  # issue 11 pt 3: unique 1K prompts, 1K/200 and 1K/10 generation, 20 labels; one part per command
     # One vLLM start costs ~65-75 s here and turbo-batch starts an engine per job, so the four presets do not
@@ -91,7 +94,7 @@ case "${1:-}" in
       (IFS='+'; for one in $spec; do
          IFS=' '
          # shellcheck disable=SC2086
-         CUDA_VISIBLE_DEVICES=$gpu BB_MODEL=$BB_MODEL-$gpu OUT=/tmp/pair-$gpu bash "$0" $one
+         PAIR_GPU=$gpu CUDA_VISIBLE_DEVICES=$gpu BB_MODEL=$BB_MODEL-$gpu OUT=/tmp/pair-$gpu bash "$0" $one
          echo "pair gpu$gpu '$one' rc=$?"
        done > "/tmp/pair-$gpu/session.log" 2>&1) &
       pids+=($!)

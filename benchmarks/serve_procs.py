@@ -95,7 +95,9 @@ def markdown(d: dict[str, Any]) -> str:
     lines = [f"# Serve parity: {d['preset']} ({d['date']})", "", f"Machine: `{json.dumps(d['machine'])}`",
              f"Engine args (both servers): `{json.dumps(d['engine_args'], default=str)}`",
              f"Concurrency {d['concurrency']}; streaming /v1/completions, random token prompts, ignore_eos. "
-             f"Tokenizer: `{json.dumps(d.get('tokenizer'))}`.", "",
+             f"Tokenizer: `{json.dumps(d.get('tokenizer'))}`."
+             + "".join(f" {w['name']}: Poisson arrivals at {w['rate']} req/s." for w in d["workloads"] if w.get("rate")),
+             "",
              "| workload | server | req/s | median TTFT ms | P99 TTFT ms | median ITL ms | P99 ITL ms "
              "| median TPOT ms | failed |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for v, r in d["variants"].items():

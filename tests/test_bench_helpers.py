@@ -1,5 +1,6 @@
-"""bench_serve.py's py-spy summary reads py-spy's raw (collapsed) stacks correctly: thread shares, the
-busy share per thread, top self and inclusive frames."""
+"""Benchmark helpers: bench_serve.py's py-spy summary reads py-spy's raw (collapsed) stacks correctly
+(thread shares, busy share per thread, top self and inclusive frames); the per-thread CPU of the
+serving process; bench_prefix.py's merge of a pair run's halves."""
 
 from __future__ import annotations
 
@@ -51,3 +52,26 @@ def test_thread_cpu_names_the_busy_thread():
     busiest = thread_cpu_delta(before, during, top=1)
     assert len(busiest) == 1 and next(iter(busiest.values())) >= 0.05
     assert list(thread_cpu_delta({"a": 1.0, "b": 1.0}, {"a": 1.5, "b": 3.0, "c": 0.0})) == ["b", "a"]
+
+
+def test_prefix_pair_halves_merge_into_one_result():
+    """bench_prefix --merge: a pair run's halves (raw on one GPU, turbo on the other) give the medians of
+    the whole run; halves with different settings are refused."""
+    import copy
+    import json
+
+    import pytest
+    from bench_prefix import markdown, merge
+
+    d = json.loads((REPO / "benchmarks" / "results" / "prefix_gpu-gemma4.json").read_text())
+    raw, turbo = copy.deepcopy(d), copy.deepcopy(d)
+    raw["runs"], raw["checks"] = [r for r in d["runs"] if r["variant"] != "turbo"], {}
+    turbo["runs"] = [r for r in d["runs"] if r["variant"] == "turbo"]
+    turbo["settings"]["engine_args"]["model"] = "/root/bb-model-1"  # one model folder per GPU
+    m = merge([raw, turbo])
+    for k in ("turbo_rows_s", "raw_shuffled_rows_s", "raw_grouped_rows_s", "turbo_over_raw_grouped"):
+        assert m[k] == d[k]
+    assert m["pair"] == [["raw_grouped", "raw_shuffled"], ["turbo"]] and "| " in markdown(m)
+    turbo["settings"]["rows"] += 1
+    with pytest.raises(SystemExit):
+        merge([raw, turbo])
