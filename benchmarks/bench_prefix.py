@@ -361,9 +361,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One results file from the halves of a pair run (`--variants` per GPU, the same rows, seeds and
     engine args on two GPUs of one host at the same time); refuses halves whose settings differ."""
 
-    def same(d: dict[str, Any]) -> dict[str, Any]:  # the settings but the model folder (one per GPU)
+    def same(d: dict[str, Any]) -> dict[str, Any]:  # the rows and engine; not model folders or run counts
         engine = {k: v for k, v in d["settings"]["engine_args"].items() if k != "model"}
-        return {k: v for k, v in d["settings"].items() if k != "engine_args"} | {"engine_args": engine}
+        keep = ("shape", "rows", "total_prompt_tokens", "prompt_tokens", "labels")
+        return {k: d["settings"][k] for k in keep} | {"engine_args": engine}
 
     if any(same(d) != same(parts[0]) for d in parts[1:]):
         raise SystemExit("--merge: the halves ran different settings")

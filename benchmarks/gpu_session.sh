@@ -48,9 +48,10 @@ case "${1:-}" in
     ;;
   prefix)  # issue 11: 1,200 docs x 5 questions, 2 GiB KV: raw shuffled/grouped vs turbo-batch vs ray.data.llm
     # (PREFIX_ARGS, e.g. "--docs 2400 --repeat 2": longer timed windows, fewer runs; in a pair, PREFIX_ARGS_0 /
-    # PREFIX_ARGS_1 per GPU, e.g. "--variants raw" / "--variants turbo", then bench_prefix.py --merge)
+    # PREFIX_ARGS_1 per GPU, e.g. "--variants raw" / "--variants turbo", then bench_prefix.py --merge; each
+    # half has its own workdir, so the label agreement with raw is checked only where raw ran)
     # ~9 min: 5 engine starts; --budget-s skips a run that would end past 510 s (the results say which)
-    timeout 570 python benchmarks/bench_prefix.py --preset gpu-gemma4 --workdir /root/bp --model-dir "$BB_MODEL" --tok "$TOK" \
+    timeout 570 python benchmarks/bench_prefix.py --preset gpu-gemma4 --workdir /root/bp${PAIR_GPU:+-$PAIR_GPU} --model-dir "$BB_MODEL" --tok "$TOK" \
       --results-dir "$OUT" --budget-s "${PREFIX_BUDGET_S:-510}" $(v=PREFIX_ARGS_${PAIR_GPU:-}; echo "${!v:-${PREFIX_ARGS:-}}") \
       2>&1 | tail -40 | tee "$OUT/prefix.log"
     ;;
