@@ -231,3 +231,50 @@ def test_every_delta_with_tokens_is_an_event_even_before_its_text(tiny_model):
         {"content": ""},
         {"content": "é"},
     ]
+
+
+def test_until_disconnect_runs_the_work_in_the_request_task_and_cancels_it_on_disconnect():
+    """A route's work runs in the request's own task (no extra loop turns before the first token); a
+    client that goes away cancels it (its finally runs: the engine request is aborted) and the route
+    answers 499; a cancellation from outside (shutdown) is not swallowed."""
+    import asyncio
+
+    from turbo_batch.serve.http import until_disconnect
+
+    class Req:
+        def __init__(self):
+            self.gone = asyncio.Event()
+
+        async def receive(self):
+            await self.gone.wait()
+            return {"type": "http.disconnect"}
+
+    async def main():
+        seen = {}
+
+        async def quick():
+            seen["task"] = asyncio.current_task()
+            return "done"
+
+        me = asyncio.current_task()
+        assert await until_disconnect(Req(), quick()) == "done" and seen["task"] is me
+
+        req, aborted = Req(), asyncio.Event()
+
+        async def slow():
+            try:
+                await asyncio.sleep(30)
+            finally:
+                aborted.set()
+
+        asyncio.get_running_loop().call_later(0.05, req.gone.set)
+        r = await asyncio.wait_for(until_disconnect(req, slow()), 5)
+        assert r.status_code == 499 and aborted.is_set() and me.cancelling() == 0
+
+        outer = asyncio.ensure_future(until_disconnect(Req(), asyncio.sleep(30)))
+        await asyncio.sleep(0.05)
+        outer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outer
+
+    asyncio.run(main())
