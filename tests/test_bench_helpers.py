@@ -37,20 +37,25 @@ def test_thread_cpu_names_the_busy_thread():
 
     from pyspy import thread_cpu, thread_cpu_delta
 
-    def spin():
-        end = time.thread_time() + 0.3
-        while time.thread_time() < end:
-            pass
+    spun, stop = threading.Event(), threading.Event()
+
+    def spin():  # 0.2 s of its own CPU however long a loaded box takes to give it that, then on
+        while not stop.is_set():
+            if time.thread_time() >= 0.2:
+                spun.set()
 
     before = thread_cpu(os.getpid())
     t = threading.Thread(target=spin, name="tb-spinner")
     t.start()
-    time.sleep(0.1)
-    during = thread_cpu(os.getpid())  # while the spinner runs: its CPU is the largest increase
-    t.join()
+    try:
+        assert spun.wait(60)
+        during = thread_cpu(os.getpid())  # while the spinner runs: its CPU is the largest increase
+    finally:
+        stop.set()
+        t.join()
     assert thread_cpu(-1) == {}
     busiest = thread_cpu_delta(before, during, top=1)
-    assert len(busiest) == 1 and next(iter(busiest.values())) >= 0.05
+    assert len(busiest) == 1 and next(iter(busiest.values())) >= 0.15
     assert list(thread_cpu_delta({"a": 1.0, "b": 1.0}, {"a": 1.5, "b": 3.0, "c": 0.0})) == ["b", "a"]
 
 

@@ -98,13 +98,16 @@ def _job(model, root, out: str, n: int, **sections) -> JobSpec:
 def _tail(summary: dict, pool: Recorded, ends: list[float], fast: str, slow: str) -> dict:
     """Per engine: rows, measured rows/s and backup copies; the job's wall (first engine call → last
     row accepted: no render, no commit), its ideal at the measured rates (rows / sum of rows per busy
-    second), and how long after the fast engine's last call the slow one's last call ended."""
+    second), how long the job went on after the fast engine's last call ended (`waited`: rows it still
+    needed from the slow one), and when the slow one's last call ended (a cancelled copy ends when its
+    cancellation lands, which need not delay the job)."""
     eng = {e["name"]: e for e in summary["engines"]}
     n = eng[fast]["rows"] + eng[slow]["rows"]
     out = {
         "wall": ends[0] - pool.first_start(),
         "ideal": n / (eng[fast]["rows_per_s"] + eng[slow]["rows_per_s"]),
-        "waited": pool.last_end(slow) - pool.last_end(fast),
+        "waited": ends[0] - pool.last_end(fast),
+        "slow_last_end": pool.last_end(slow) - pool.last_end(fast),
         **{k: [eng[fast][k], eng[slow][k]] for k in ("rows", "rows_per_s", "backup_calls", "backup_wins")},
         "not_ok": [(c[0], round(c[2] - c[1], 2), c[3], c[4]) for c in pool.calls if c[4] != "ok"],
     }
