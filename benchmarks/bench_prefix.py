@@ -22,6 +22,8 @@ session ends with a results file. Writes benchmarks/results/prefix_<preset>.{jso
     python benchmarks/bench_prefix.py --preset cpu-smollm2
     python benchmarks/bench_prefix.py --preset gpu-gemma4 --results-dir $OUT --budget-s 500   # H200
     python benchmarks/bench_prefix.py --preset gpu-gemma4 --dry-run          # data + job file only
+    python benchmarks/bench_prefix.py --merge raw/prefix_gpu-gemma4.json turbo/prefix_gpu-gemma4.json
+        # a pair run's halves (--variants raw on one GPU, --variants turbo on the other) → one results file
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the bench package
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the repo: turbo_batch
 from bench import common as bb  # helpers shared with bench_batch.py
+from bench.prefix_report import markdown, merge, results
 from bench.rdl import child_rdl
 from bench.report import agreement
 from bench.turbo import run_turbo
@@ -71,8 +73,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 LABELS = ["yes", "no"]
-SETTINGS = ("shape", "rows", "total_prompt_tokens", "prompt_tokens", "labels", "engine_args", "order_stage",
-            "rdl", "repeat", "rdl_repeat", "job")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -320,114 +320,6 @@ def schedule(repeat: int, rdl_repeat: int) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------- results
-
-
-def _median(runs: list[dict[str, Any]], variant: str) -> float | None:
-    xs = [r["rows_per_s"] for r in runs if r["variant"] == variant and r.get("rows_per_s")]
-    return statistics.median(xs) if xs else None
-
-
-def results(
-    plan: dict[str, Any], info: dict[str, Any], runs: list, checks: dict, skipped: list, t_all: float
-):
-    med = {v: _median(runs, v) for v in ("turbo", "raw_shuffled", "raw_grouped", "ray_data_llm")}
-    hits = {
-        v: [r["prefix_cache_hit_pct"] for r in runs if r["variant"] == v]
-        for v in ("raw_shuffled", "raw_grouped")
-    }
-    ratio = lambda a, b: round(a / b, 3) if a and b else None  # noqa: E731
-    return {
-        "preset": plan["preset"],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": info,
-        "git": bb.git_rev(),
-        "turbo_rows_s": med["turbo"],
-        "raw_shuffled_rows_s": med["raw_shuffled"],
-        "raw_grouped_rows_s": med["raw_grouped"],
-        "ray_data_llm_rows_s": med["ray_data_llm"],
-        "turbo_over_raw_shuffled": ratio(med["turbo"], med["raw_shuffled"]),
-        "turbo_over_raw_grouped": ratio(med["turbo"], med["raw_grouped"]),
-        "raw_prefix_cache_hit_pct": {k: statistics.median(v) for k, v in hits.items() if v},
-        "settings": {k: plan[k] for k in SETTINGS},
-        "checks": checks,
-        "runs": runs,
-        "skipped": skipped,
-        "bench_wall_s": round(time.perf_counter() - t_all, 1),
-    }
-
-
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One results file from the halves of a pair run (`--variants` per GPU, the same rows, seeds and
-    engine args on two GPUs of one host at the same time); refuses halves whose settings differ."""
-
-    def same(d: dict[str, Any]) -> dict[str, Any]:  # the rows and engine; not model folders or run counts
-        engine = {k: v for k, v in d["settings"]["engine_args"].items() if k != "model"}
-        keep = ("shape", "rows", "total_prompt_tokens", "prompt_tokens", "labels")
-        return {k: d["settings"][k] for k in keep} | {"engine_args": engine}
-
-    if any(same(d) != same(parts[0]) for d in parts[1:]):
-        raise SystemExit("--merge: the halves ran different settings")
-    plan = {"preset": parts[0]["preset"], **parts[0]["settings"]}
-    runs = [r | {"half": i} for i, d in enumerate(parts) for r in d["runs"]]
-    checks = {k: v for d in parts for k, v in d["checks"].items()}
-    data = results(plan, parts[0]["machine"], runs, checks, [x for d in parts for x in d["skipped"]], 0.0)
-    data |= {
-        "date": parts[0]["date"],
-        "git": parts[0]["git"],
-        "bench_wall_s": max(d["bench_wall_s"] for d in parts),
-    }
-    data["note"] = " ".join(filter(None, [d.get("note") for d in parts])) or None
-    data["pair"] = [sorted({r["variant"] for r in d["runs"]}) for d in parts]
-    return data
-
-
-def markdown(d: dict[str, Any]) -> str:
-    m, s = d["machine"], d["settings"]
-    where = (
-        f"{m.get('gpu')} ×{m.get('gpu_count')}"
-        if m.get("gpu")
-        else f"CPU only ({m.get('cpu')}, {m.get('cpu_count')} logical CPUs)"
-    )
-    rows = [("raw vLLM, shuffled rows", "raw_shuffled"), ("raw vLLM, grouped by document", "raw_grouped"),
-            ("turbo-batch run, shuffled parquet (order: auto)", "turbo"), ("ray.data.llm, shuffled rows", "ray_data_llm")]  # fmt: skip
-    lines = [
-        f"# Many-prefix batch throughput ({d['preset']})",
-        "",
-        f"Measured {d['date']} with `benchmarks/bench_prefix.py --preset {d['preset']}` on {where}; "
-        f"vLLM {m.get('versions', {}).get('vllm')}, Ray {m.get('versions', {}).get('ray')}; turbo-batch {d['git']}.",
-        f"{s['shape']['docs']} documents × {s['shape']['questions']} questions = {s['rows']} rows, prompt tokens "
-        f"mean {s['prompt_tokens']['mean']} ({s['total_prompt_tokens']} in all), classify yes/no in one forward pass; "
-        f"engine args `{json.dumps({k: v for k, v in s['engine_args'].items() if k != 'model'}, sort_keys=True)}`.",
-        "",
-        "| variant | rows/s (median) | runs, rows/s | × raw shuffled | prefix-cache hits |",
-        "|---|---|---|---|---|",
-    ]
-    for label, v in rows:
-        xs = [r["rows_per_s"] for r in d["runs"] if r["variant"] == v]
-        med = d[f"{v}_rows_s"]
-        x = round(med / d["raw_shuffled_rows_s"], 3) if med and d["raw_shuffled_rows_s"] else None
-        hit = d["raw_prefix_cache_hit_pct"].get(v)
-        lines.append(f"| {label} | {bb.fmt(med)} | {', '.join(f'{y:.2f}' for y in xs) or '—'} | {bb.fmt(x, 3)} | "
-                     f"{'—' if hit is None else f'{hit}%'} |")  # fmt: skip
-    o = s["order_stage"]
-    lines += [
-        "",
-        f"turbo / raw shuffled = **{bb.fmt(d['turbo_over_raw_shuffled'], 3)}**, turbo / raw grouped = "
-        f"**{bb.fmt(d['turbo_over_raw_grouped'], 3)}** (issue 11's targets on the H200: ≥ 2.5 and ≥ 0.9).",
-        f"Order stage cost on this machine's CPU (one core): rendering the prompt text + key "
-        f"{o['key_s_per_1k_rows']} s per 1,000 rows vs the render stage (text + token ids) "
-        f"{o['render_s_per_1k_rows']} s; the key order puts each document's rows in one run "
-        f"({o['doc_runs_in_key_order']} runs for {s['shape']['docs']} documents; anchor {o['anchor_bytes']} bytes).",
-        f"Checks (labels vs raw shuffled, per row): `{json.dumps(d['checks'])}`.",
-    ]
-    if d["skipped"]:
-        lines.append(f"Skipped to stay within the time budget: {', '.join(d['skipped'])}.")
-    if d.get("note"):
-        lines += ["", d["note"]]
-    return "\n".join(lines) + "\n"
-
-
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -494,6 +386,14 @@ def main() -> None:
     skipped: list[str] = []
     took: dict[str, float] = {}
     out = Path(args.results_dir) / f"prefix_{args.preset}.json"
+
+    def save() -> None:  # after every run: a cut-off session keeps its numbers
+        data = results(plan, info, runs, checks, skipped, t_all)
+        data["note"] = args.note
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(markdown(data))
+
     for i, v in enumerate(order):
         elapsed = time.perf_counter() - t_all
         if args.budget_s and elapsed + took.get(v, 0.0) > args.budget_s:
@@ -521,11 +421,9 @@ def main() -> None:
         for done in {x["variant"] for x in runs} & {"turbo", "ray_data_llm"}:  # labels vs raw shuffled
             checks[done] = agreement(workdir, done, plan)
         bb.log(f"{v}: done in {took[v]:.0f} s: {r.get('rows_per_s') or [x['rows_per_s'] for x in r['runs']]}")
-        data = results(plan, info, runs, checks, skipped, t_all)
-        data["note"] = args.note
-        out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a cut-off session keeps its numbers
-        out.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        out.with_suffix(".md").write_text(markdown(data))
+        save()
+    if skipped and runs:
+        save()  # the runs skipped after the last one that ran are on record too
     print(out.with_suffix(".md").read_text() if out.exists() else "no results")
 
 
