@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_session.sh fleet    # 2 GPUs: one engine vs two, a capped engine beside a full one
 #   bash benchmarks/gpu_session.sh prefix   # many-prefix rows: order stage vs raw vLLM shuffled/grouped, ~9 min
 # Results land in $OUT (the device tool brings them back) and are copied into benchmarks/results/ here.
+# Output-heavy numbers (serve parity, generation) want the real-vocabulary stand-in: run
+# `python benchmarks/make_tok.py` here once, carry benchmarks/tok-bpe49k, and set TOK=benchmarks/tok-bpe49k.
 set -uo pipefail
 export PYTHONPATH=/root/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu-out}
