@@ -129,5 +129,7 @@ def test_chat_text_folds_a_refused_system_turn_and_names_what_it_cannot_render()
     with pytest.raises(ValueError, match="refused these messages"):
         chat_text(tok, [{"role": "system", "content": "S"}])  # nothing to fold it into
     tok.chat_template = None
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(ValueError, match="no chat template; use /v1/completions"):
         chat_text(tok, msgs[1:])
+    with pytest.raises(ValueError, match=r"no chat template; set prompt\.chat: false"):
+        apply_chat_template(tok, "U", None)  # a job says how to do without one

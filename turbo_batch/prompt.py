@@ -183,12 +183,16 @@ class PromptBuilder:
         return ids, labels
 
 
-def chat_text(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+NO_TEMPLATE_HINT = "use /v1/completions"  # what an OpenAI-style caller can do instead
+
+
+def chat_text(tokenizer: Any, messages: list[dict[str, Any]], hint: str = NO_TEMPLATE_HINT) -> str:
     """The chat template's text for OpenAI-style messages, generation prompt added — one rendering for
     jobs, the serve endpoint and OpenAI batch files. Some templates (Gemma) refuse a system turn: it
-    is then folded into the first user turn. Raises ValueError that names the problem."""
+    is then folded into the first user turn. Raises ValueError that names the problem; `hint` says
+    what to do instead when the model has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model has no chat template; use /v1/completions")
+        raise ValueError(f"this model has no chat template; {hint}")
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception:
@@ -206,7 +210,7 @@ def apply_chat_template(tokenizer: Any, user: str, system: str | None) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}
     ]
-    return chat_text(tokenizer, messages)
+    return chat_text(tokenizer, messages, hint="set prompt.chat: false")  # a job's way out
 
 
 def first_label_tokens(tokenizer: Any, suffix: str, labels: Sequence[str], chat: bool) -> list[int] | None:
