@@ -123,14 +123,13 @@ def model_dir(preset: dict[str, Any], workdir: Path, where: str | None = None, t
 
 def tokenizer_info(path: Path) -> dict[str, Any]:
     """The served model's tokenizer: how many ids it knows, and how many logits the model has."""
-    from tokenizers import Tokenizer
+    from bench.common import tokenizer_vocab
 
     if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
         return {}  # a dry run of a GPU preset: no model built
     cfg = json.loads((path / "config.json").read_text())
-    vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     return {
-        "tokenizer_ids": vocab,
+        "tokenizer_ids": tokenizer_vocab(path),
         "model_vocab": cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size"),
     }
 

@@ -67,7 +67,6 @@ def tail(path: Path, n: int = 15) -> str:
 
 
 def free_port() -> int:
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

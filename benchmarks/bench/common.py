@@ -234,7 +234,7 @@ def gemma4_config(vocab_size: int = STANDIN_VOCAB):
     With `benchmarks/tok` (355 tokens) the model's 32,768 logits are mostly ids that tokenizer does not
     know: a generated id past 355 decodes to "" — fine for one-token classification, but a long
     generation then never yields text and vLLM's incremental detokenizer re-decodes the whole prompt at
-    every step (~0.44 ms per step at 1K prompt tokens instead of ~2-7 us). `benchmarks/make_tok.py`
+    every step (251 us per step at 1K prompt tokens, against 13 us with make_tok.py's tokenizer). `benchmarks/make_tok.py`
     writes a 49,152-token BPE tokenizer (SmolLM2's) for which every id the model can emit is a token."""
     from transformers import Gemma4TextConfig
 
