@@ -29,6 +29,7 @@ from turbo_batch.errors import JobError, RowError
 
 INPUT_ERROR = "_input_error"  # column carrying a per-row read problem (e.g. a bad JSONL line)
 BLOCK_ROWS = 4096
+ROW_BYTES = 512  # a guess of one input row in memory, for Ray Data's size estimates
 JSONL_EXT = (".jsonl", ".ndjson", ".json")
 
 
@@ -295,22 +296,25 @@ def make_datasource(
 
     class RowSource(Datasource):
         def estimate_inmemory_data_size(self) -> int | None:
-            return sum(u.num_rows for u in units) * 512
+            return sum(u.num_rows for u in units) * ROW_BYTES
 
         def get_read_tasks(
             self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
         ):
             if one_task and units:
                 reads = [_read_fn(u, cols, id_column, committed_ref, hyg) for u in units]
-                size = sum(u.num_rows for u in units) * 512
                 files = list(dict.fromkeys(u.path for u in units))
+                size = self.estimate_inmemory_data_size()
                 meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=files)
                 return [ReadTask(_one_task_fn(reads, arrange), meta)]
             return [
                 ReadTask(
                     _read_fn(u, cols, id_column, committed_ref, hyg),
                     BlockMetadata(
-                        num_rows=None, size_bytes=u.num_rows * 512, exec_stats=None, input_files=[u.path]
+                        num_rows=None,
+                        size_bytes=u.num_rows * ROW_BYTES,
+                        exec_stats=None,
+                        input_files=[u.path],
                     ),
                 )
                 for u in units
