@@ -20,6 +20,7 @@ mkdir -p "$OUT"
 TOK=${TOK:-benchmarks/tok}
 BB_MODEL=${BB_MODEL:-/root/bb-model-$(basename "$TOK")}
 GEN_ROWS=${GEN_ROWS:-}  # batch-all gen: rows per preset (default: the presets' 1,200 / 4,000)
+LABEL_ROWS=${LABEL_ROWS:-}  # batch-all labels: rows (default: the preset's 3,600)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
   checks)
@@ -42,8 +43,12 @@ case "${1:-}" in
     ;;
   serve-parity)  # issue 10: 1K/200 (256 prompts) and 1K/10 (640 prompts) at concurrency 64, ~100 s per server;
     # SP_PROFILE seconds of py-spy (--gil) on the serving process during 1K/200 (0: none); SP_ARGS more
-    # bench_serve options (e.g. "--workloads 1K-in-200-out --request-rate 1K-in-200-out=40 --tag _rate40")
-    timeout 560 python benchmarks/bench_serve.py ${SP_ARGS:-} --preset gpu-gemma4 --variants "${SP_VARIANTS:-vllm,turbo-direct,turbo,turbo-2ingress}" --workdir "$OUT/serve_parity" \
+    # bench_serve options (e.g. "--workloads 1K-in-200-out --request-rate 1K-in-200-out=40 --tag _rate40");
+    # in a pair, SP_VARIANTS_<gpu> / SP_ARGS_<gpu> per GPU (e.g. vllm,turbo-2ingress with --tag _2ingress)
+    spv=SP_VARIANTS_${PAIR_GPU:-}; spa=SP_ARGS_${PAIR_GPU:-}
+    # shellcheck disable=SC2086
+    timeout 560 python benchmarks/bench_serve.py ${!spa:-${SP_ARGS:-}} --preset gpu-gemma4 \
+      --variants "${!spv:-${SP_VARIANTS:-vllm,turbo-direct,turbo,turbo-2ingress}}" --workdir "$OUT/serve_parity" \
       --model-dir "$BB_MODEL" --tok "$TOK" --trace --profile "${SP_PROFILE:-20}" --results-dir "$OUT" \
       > "$OUT/serve_parity.log" 2>&1
     echo "bench_serve rc=$?"; tail -30 "$OUT/serve_parity.log"
@@ -69,7 +74,7 @@ case "${1:-}" in
         gen) p=gpu-gen-200,gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;  # also writes generate_gpu.json
         gen200) p=gpu-gen-200; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
         gen10) p=gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
-        labels) p=gpu-20labels; extra=() ;;
+        labels) p=gpu-20labels; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS}) ;;
         *) echo "batch-all parts: unique gen gen200 gen10 labels" >&2; exit 2 ;;
       esac
       timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --workdir "/root/bb-$part" \

@@ -108,6 +108,12 @@ def markdown(d: dict[str, Any]) -> str:
                                          "p99_itl_ms", "median_tpot_ms")]  # fmt: skip
             txt = " | ".join("—" if c is None else f"{c:,.1f}" if c >= 10 else f"{c:.2f}" for c in cells)
             lines.append(f"| {wl} | {v} | {txt} | {m.get('failed', 0)} |")
+    waves = [f"{v} {wl} {m['median_ttft_first_wave_ms']:,.1f} / {m['median_ttft_after_first_wave_ms']:,.1f}"
+             for v, r in d["variants"].items() for wl, m in (r.get("workloads") or {}).items()
+             if m.get("median_ttft_after_first_wave_ms") is not None]  # fmt: skip
+    if waves:
+        lines += ["", f"Median TTFT ms of the first {d['concurrency']} requests (sent at once) / of the rest: "
+                  + "; ".join(waves) + "."]  # fmt: skip
     for v, r in d["variants"].items():
         for wl, m in (r.get("workloads") or {}).items():
             if m.get("front_threads_cpu_s"):

@@ -81,3 +81,28 @@ def test_prefix_pair_halves_merge_into_one_result():
     turbo["settings"]["rows"] += 1
     with pytest.raises(SystemExit):
         merge([raw, turbo])
+
+
+def test_ttft_after_first_wave_splits_the_closed_loop_burst_from_the_rest():
+    """vllm bench serve's per-request start times (--save-detailed) split the first `conc` requests,
+    sent at once, from the steady state; the markdown carries both medians."""
+    from bench_serve import ttft_after_first_wave
+    from serve_procs import markdown
+
+    # 4 requests sent at once (slow first tokens: 0.4 s), then 6 as slots free (0.05 s); listed out of
+    # order, as the bench's list is by completion
+    starts = [0.0, 0.0, 0.0, 0.0, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
+    ttfts = [0.4, 0.41, 0.42, 0.43, 0.05, 0.06, 0.05, 0.07, 0.05, 0.0]  # the last one failed (0)
+    order = [5, 0, 9, 1, 6, 2, 7, 3, 8, 4]
+    d = {"start_times": [starts[i] for i in order], "ttfts": [ttfts[i] for i in order]}
+    m = ttft_after_first_wave(d, conc=4)
+    assert m == {
+        "median_ttft_first_wave_ms": 420.0,
+        "median_ttft_after_first_wave_ms": 50.0,
+        "p99_ttft_after_first_wave_ms": 70.0,
+    }
+    assert ttft_after_first_wave({"ttfts": ttfts}, conc=4) == {}  # no start times (an older vLLM)
+    assert ttft_after_first_wave(d, conc=10) == {}  # no steady state
+    doc = {"preset": "p", "date": "d", "machine": {}, "engine_args": {}, "concurrency": 4, "workloads": [],
+           "variants": {"vllm": {"workloads": {"1K": {"req_s": 1.0, **m}}}}}  # fmt: skip
+    assert "of the rest: vllm 1K 420.0 / 50.0." in markdown(doc)
