@@ -5,7 +5,8 @@ requests (random token-id prompts of a fixed length, `ignore_eos`, a fixed outpu
 concurrency: `vllm bench serve` where it exists (`--loadgen vllm`), else a small built-in async load
 generator with the same metrics (request throughput, TTFT, ITL, TPOT; benchmarks/bench_serve_load.py).
 Variants: vllm (`python -m vllm.entrypoints.openai.api_server`), turbo (Api ingress + Engine
-deployment), turbo-2ingress (two ingress replicas), turbo-colocated (the Engine is the ingress behind
+deployment), turbo-2ingress (two ingress replicas behind Serve's proxy), turbo-2ingress-direct (two
+ingress replicas serving HTTP themselves on one shared port, layout split-direct), turbo-colocated (the Engine is the ingress behind
 Serve's proxy), turbo-direct (the default layout: each Engine replica serves HTTP on its own port),
 turbo-plain (serve_plain.py: turbo-direct's code in a plain process without Ray, a control).
 Results are written after every variant, so one failing variant never loses the others'.
@@ -86,13 +87,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 TOK = REPO / "benchmarks" / "tok"  # gpu-gemma4's tokenizer unless --tok (see benchmarks/make_tok.py)
-VARIANTS = ("vllm", "turbo-direct", "turbo-plain", "turbo", "turbo-2ingress", "turbo-colocated")
+VARIANTS = ("vllm", "turbo-direct", "turbo-plain", "turbo", "turbo-2ingress", "turbo-2ingress-direct",
+            "turbo-colocated")  # fmt: skip
 LAYOUTS = {
     "turbo-direct": "direct",
     "turbo-plain": "direct",  # serve_plain.py: the direct layout's code in a plain process, no Ray
     "turbo-colocated": "colocated",
     "turbo": "split",
     "turbo-2ingress": "split",
+    "turbo-2ingress-direct": "split-direct",
 }
 
 
@@ -169,7 +172,7 @@ def serve_file(path: Path, engine: dict[str, Any], port: int, variant: str, num_
         "http": {
             "host": "127.0.0.1",
             "port": port,
-            "ingress_replicas": 2 if variant == "turbo-2ingress" else 1,
+            "ingress_replicas": 2 if variant.startswith("turbo-2ingress") else 1,
             "layout": LAYOUTS[variant.removesuffix("-tp")],
         },
         "cluster": {"num_cpus": num_cpus, "engine_cpus": 1.0 if gpu else 0.5},

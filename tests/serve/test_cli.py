@@ -1,9 +1,12 @@
-"""`turbo-batch serve` as a user runs it: a subprocess with its own Ray, the colocated layout (the
-Engine deployment is the HTTP ingress), ready on /health, streaming token by token, then SIGTERM:
-the app is undeployed, Ray stops, the process exits 0 and the port is closed."""
+"""`turbo-batch serve` as a user runs it: a subprocess with its own Ray, ready on /health, streaming
+token by token, then SIGTERM: the app is undeployed, Ray stops, the process exits 0 and the port is
+closed. Two layouts here (the package's shared app runs the default, direct): colocated (the Engine
+deployment is the ingress behind Serve's proxy) and split-direct with two Api replicas that both
+listen on the one http.port (SO_REUSEPORT) and call the Engine deployment by handle."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -33,15 +36,21 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_serve_colocated_starts_streams_and_undeploys_on_sigterm(tiny_model, tmp_path):
-    import openai
+def _listeners(port: int) -> int:
+    """Listening TCP sockets on `port` (IPv4), from /proc/net/tcp: one per process that shares it."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] == "0A")
 
+
+@contextlib.contextmanager
+def _serving(tmp_path: Path, tiny_model: Path, http: dict):
+    """`turbo-batch serve` in a subprocess until the body's end (SIGTERM, then checks of the exit)."""
     port = _free_port()
     spec = {
         "name": "tb-cli",
         "model": {"path": str(tiny_model), "engine": dict(TINY_ENGINE)},
         "served_model_name": "tiny",
-        "http": {"host": "127.0.0.1", "port": port, "layout": "colocated"},
+        "http": {"host": "127.0.0.1", "port": port, **http},
         "cluster": {"num_cpus": 2, "engine_cpus": 0.5},
         "auth": {"api_key_env": "TB_CLI_KEY"},
     }
@@ -60,16 +69,7 @@ def test_serve_colocated_starts_streams_and_undeploys_on_sigterm(tiny_model, tmp
             assert proc.poll() is None, err_f.read_text()[-3000:]
             assert time.monotonic() < deadline, "serve did not become ready"
             time.sleep(1)
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "ready"}
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
-        chunks = list(
-            client.completions.create(
-                model="tiny", prompt="hello", max_tokens=32, temperature=0, stream=True,
-                extra_body={"ignore_eos": True},
-            )
-        )  # fmt: skip
-        assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 16
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        yield port
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
         err = err_f.read_text()
@@ -80,3 +80,32 @@ def test_serve_colocated_starts_streams_and_undeploys_on_sigterm(tiny_model, tmp
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+def _streams_token_by_token(port: int) -> None:
+    import openai
+
+    assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "ready"}
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt="hello", max_tokens=32, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )  # fmt: skip
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 16
+    assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+
+
+def test_serve_colocated_starts_streams_and_undeploys_on_sigterm(tiny_model, tmp_path):
+    with _serving(tmp_path, tiny_model, {"layout": "colocated"}) as port:
+        _streams_token_by_token(port)
+
+
+def test_serve_split_direct_two_ingress_replicas_share_the_port(tiny_model, tmp_path):
+    with _serving(tmp_path, tiny_model, {"layout": "split-direct", "ingress_replicas": 2}) as port:
+        assert _listeners(port) == 2  # both Api replicas listen on http.port itself; no Serve proxy
+        _streams_token_by_token(port)
+        # many connections, each answered (the kernel spreads them over the two replicas)
+        codes = {httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code for _ in range(12)}
+        assert codes == {200}

@@ -1,10 +1,12 @@
 """The online endpoint: `turbo-batch serve serve.yaml` deploys a Ray Serve app on the batch engine class.
 
-http.layout split (default):
+http.layout split:
     Api      (FastAPI ingress, num_cpus=0)  auth, limits, chat template → token ids, SSE, /metrics
       │ handle calls, priority 0 (a stream is one streaming call; its items are coalesced deltas)
     Engine   (one replica per GPU, else a fraction of a CPU)  turbo_batch.engine.Engine (vLLM AsyncLLM)
       ▲ handle.run_rows(..., priority=job.cluster.priority)   batch jobs with cluster.engine_source=serve
+http.layout split-direct: the same two deployments, the Api replicas serving HTTP themselves on http.port
+(shared by SO_REUSEPORT, direct.py) instead of behind Serve's proxy: one Ray hop per token, not two.
 http.layout colocated: one deployment, Engine = the same routes + the engine in one process per GPU
 (colocated.py); no handle hop for tokens, batch jobs still call run_rows on it by handle.
 
@@ -108,9 +110,15 @@ def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> A
         engine_opts["max_queued_requests"] = max(lim.engine_max_queued, 4 * lim.max_concurrent + 256)
         dep = serve.deployment(serve.ingress()(EngineApi), **engine_opts)
         return dep.bind(model, spec.max_labels, lim.max_online_per_engine, config)
+    ingress_cls: type = Api
+    if spec.http.layout == "split-direct":  # the Api replicas listen on http.port themselves (direct.py)
+        from turbo_batch.serve.direct import DirectApi
+
+        config["direct"] = {"host": spec.http.host, "port": spec.http.port}
+        ingress_cls = DirectApi
     engine = serve.deployment(EngineReplica, **engine_opts)
     api = serve.deployment(
-        serve.ingress()(Api),
+        serve.ingress()(ingress_cls),
         name=INGRESS_DEPLOYMENT,
         num_replicas=spec.http.ingress_replicas,
         ray_actor_options={
@@ -139,7 +147,7 @@ def deploy(spec: ServeSpec, *, key: str | None) -> str:
     """Deploy the app on the connected Ray cluster and wait until it is running; returns the base URL."""
     from ray import serve
 
-    if spec.http.layout == "direct":  # the replicas listen on http.port themselves: no Serve proxy
+    if spec.http.layout in ("direct", "split-direct"):  # replicas listen on http.port: no Serve proxy
         serve.start(http_options={"location": "NoServer"})
     else:
         serve.start(http_options={"host": spec.http.host, "port": spec.http.port})

@@ -58,13 +58,14 @@ class ClassifierSpec(Strict):
 class HttpSpec(Strict):
     host: str = Field(default="127.0.0.1", description="listen address (the replicas' or Serve's proxy's)")
     port: int = Field(default=8000, ge=1, le=65535)
-    ingress_replicas: int = Field(default=1, ge=1, description="Api replicas (layout split)")
-    layout: Literal["direct", "colocated", "split"] = Field(
+    ingress_replicas: int = Field(default=1, ge=1, description="Api replicas (layouts split, split-direct)")
+    layout: Literal["direct", "colocated", "split", "split-direct"] = Field(
         default="direct",
         description="direct: each Engine replica serves HTTP itself on http.port (+1, +2, ... for more "
         "replicas on one host), like `vllm serve`, with no Serve proxy in the token path; colocated: each "
-        "Engine replica is the ingress behind Serve's HTTP proxy; split: an Api ingress deployment calls "
-        "the Engine deployment by handle",
+        "Engine replica is the ingress behind Serve's HTTP proxy; split: an Api ingress deployment behind "
+        "Serve's proxy calls the Engine deployment by handle; split-direct: the Api replicas serve HTTP "
+        "themselves, all on http.port (SO_REUSEPORT), and call the Engine deployment by handle",
     )
 
 
@@ -122,7 +123,7 @@ class ServeSpec(Strict):
     def _cross(self) -> ServeSpec:
         if self.limits.default_max_tokens > self.limits.max_tokens:
             raise ValueError("limits.default_max_tokens must not exceed limits.max_tokens")
-        if self.http.layout != "split" and self.http.ingress_replicas != 1:
+        if not self.http.layout.startswith("split") and self.http.ingress_replicas != 1:
             raise ValueError(
                 f"http.ingress_replicas: with layout {self.http.layout} each engine replica is an ingress"
             )
