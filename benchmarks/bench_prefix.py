@@ -131,6 +131,8 @@ def prepare(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> di
     from turbo_batch.spec import JobSpec
 
     p = {**PRESETS[args.preset], **({"docs": args.docs} if args.docs else {})}
+    if args.kv_gib:  # a larger stand-in keeps more KV per token: size the cache in documents again
+        p["engine"] = {**p["engine"], "kv_cache_memory_bytes": int(args.kv_gib * 1024**3)}
     workdir.mkdir(parents=True, exist_ok=True)
     if args.preset.startswith("cpu"):
         from turbo_batch.testing import assets
@@ -205,6 +207,7 @@ def prepare(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> di
         "output_dir": str(out_dir),
         "rows": len(rendered),
         "shape": {k: p[k] for k in ("docs", "doc_tokens", "questions", "question_tokens")},
+        "standin": None if args.preset.startswith("cpu") else bb.standin_size(),  # BENCH_STANDIN
         "labels": LABELS,
         "kind": "classify",
         "label_first_token_ids": rendered[0]["label_ids"],
@@ -329,6 +332,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=None, help="documents (default: the preset's)")
     ap.add_argument("--repeat", type=int, default=None, help="turbo runs and raw pairs (default: preset's)")
     ap.add_argument("--rdl-repeat", type=int, default=None, help="ray.data.llm runs (default: preset's)")
+    ap.add_argument("--kv-gib", type=float, default=None, help="KV cache GiB (default: the preset's)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip runs that would end past this")
     ap.add_argument(
         "--variants",

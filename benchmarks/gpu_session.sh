@@ -18,7 +18,10 @@ mkdir -p "$OUT"
 # The stand-in model's tokenizer (bench/common.py): benchmarks/tok (355 tokens; most generated ids decode
 # to "") or benchmarks/tok-bpe49k (make_tok.py, carried: every id a token). One model folder per tokenizer.
 TOK=${TOK:-benchmarks/tok}
-BB_MODEL=${BB_MODEL:-/root/bb-model-$(basename "$TOK")}
+# The stand-in's shape (bench/common.py STANDINS): 1.2b, or 9b (~9.2B, 18 GB) where prefill cost must
+# dominate per-row overheads as in a 31B (e.g. STANDIN=9b PREFIX_ARGS="--kv-gib 16": ~52 documents of KV)
+export BENCH_STANDIN=${STANDIN:-1.2b}
+BB_MODEL=${BB_MODEL:-/root/bb-model-$(basename "$TOK")$([ "$BENCH_STANDIN" = 1.2b ] || echo "-$BENCH_STANDIN")}
 GEN_ROWS=${GEN_ROWS:-}  # batch-all gen: rows per preset (default: the presets' 1,200 / 4,000)
 LABEL_ROWS=${LABEL_ROWS:-}  # batch-all labels: rows (default: the preset's 3,600)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -228,7 +228,25 @@ def tokenizer_vocab(tok: Path) -> int:
     return Tokenizer.from_file(str(tok / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
 
 
-def gemma4_config(vocab_size: int = STANDIN_VOCAB):
+# The stand-in's shape (env BENCH_STANDIN, default 1.2b). The 1.2B is cheap to build and start, but
+# per-row overheads weigh more beside its prefill than beside a 31B's; 9b (~9.2B, 18 GB in bf16, fits one
+# H200) is for ratios that depend on prefill cost, such as how much grouping rows by prefix gains.
+STANDINS: dict[str, dict[str, int]] = {
+    "1.2b": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 12,
+             "num_attention_heads": 8, "num_key_value_heads": 4},
+    "9b": {"hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 40,
+           "num_attention_heads": 16, "num_key_value_heads": 8},
+}  # fmt: skip
+
+
+def standin_size() -> str:
+    size = os.environ.get("BENCH_STANDIN", "1.2b")
+    if size not in STANDINS:
+        raise SystemExit(f"BENCH_STANDIN={size!r}: one of {', '.join(STANDINS)}")
+    return size
+
+
+def gemma4_config(vocab_size: int = STANDIN_VOCAB, size: str = "1.2b"):
     """probe_ray_vllm.py's build(): random Gemma4ForCausalLM ~1.2B, global_head_dim == head_dim.
 
     With `benchmarks/tok` (355 tokens) the model's 32,768 logits are mostly ids that tokenizer does not
@@ -240,11 +258,7 @@ def gemma4_config(vocab_size: int = STANDIN_VOCAB):
 
     cfg = Gemma4TextConfig(
         vocab_size=vocab_size,
-        hidden_size=2560,
-        intermediate_size=10240,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=4,
+        **STANDINS[size],
         head_dim=256,
         global_head_dim=256,
         vocab_size_per_layer_input=vocab_size,
@@ -260,12 +274,13 @@ def gemma4_config(vocab_size: int = STANDIN_VOCAB):
 
 
 def build_gemma4(path: Path, tok: Path, weights: bool) -> None:
-    """Write the model folder: config + tokenizer files, and (on a GPU) the random bf16 weights."""
+    """Write the model folder: config + tokenizer files, and (on a GPU) the random bf16 weights, in the
+    shape BENCH_STANDIN names (one folder per shape: an existing model is reused as it is)."""
     if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
         return
     path.mkdir(parents=True, exist_ok=True)
     vocab = tokenizer_vocab(tok)
-    cfg = gemma4_config(max(STANDIN_VOCAB, -(-vocab // 128) * 128))
+    cfg = gemma4_config(max(STANDIN_VOCAB, -(-vocab // 128) * 128), standin_size())
     gen = tok / "generation_config.json"  # the tokenizer's special ids, so EOS/BOS/pad agree with it
     if gen.is_file():
         ids = json.loads(gen.read_text())
