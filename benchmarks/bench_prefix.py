@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -41,14 +40,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the bench package
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the repo: turbo_batch
 from bench import common as bb  # helpers shared with bench_batch.py
+from bench.prefix_data import LABELS, job_dict, prefix_tables
 from bench.prefix_report import markdown, merge, results
 from bench.rdl import child_rdl
 from bench.report import agreement
 from bench.turbo import run_turbo
 
 REPO = bb.REPO
-SYSTEM = "Answer the question about the document with yes or no."
-TEMPLATE = "Document:\n{{ doc }}\n\nQuestion: {{ question }}"
 PRESETS: dict[str, dict[str, Any]] = {
     # SmolLM2 keeps 23 KB (bf16) or 46 KB (fp32) of KV per token: 32 MiB ≈ 1.4k or 0.7k tokens ≈ 6 or 3
     # of these 16 documents (the profile picks the dtype for the CPU it runs on).
@@ -72,51 +70,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "repeat": 3, "rdl_repeat": 1, "part_rows": 1000,
     },
 }  # fmt: skip
-LABELS = ["yes", "no"]
-
-
-# ------------------------------------------------------------------------------------------- data
-
-
-def prefix_tables(p: dict[str, Any], tokenizer: Any, seed: int = 0):
-    """(shuffled rows, warm-up rows): docs × questions of random words sized in this tokenizer's tokens."""
-    import pyarrow as pa
-
-    vocab = bb.words(seed)
-    r = random.Random(seed + 1)
-    sample = " ".join(r.choice(vocab) for _ in range(400))
-    per_word = len(tokenizer.encode(sample, add_special_tokens=False)) / 400
-
-    def text(tokens: int) -> str:
-        return " ".join(r.choice(vocab) for _ in range(max(1, round(tokens / per_word))))
-
-    questions = [text(p["question_tokens"]) + "?" for _ in range(p["questions"])]
-
-    def rows(first_doc: int, n_docs: int) -> list[dict[str, Any]]:
-        out = []
-        for d in range(first_doc, first_doc + n_docs):
-            doc = text(p["doc_tokens"]) + "."
-            out += [
-                {"id": d * len(questions) + q, "doc_id": d, "doc": doc, "question": questions[q]}
-                for q in range(len(questions))
-            ]
-        return out
-
-    main = rows(0, p["docs"])
-    random.Random(seed + 2).shuffle(main)
-    return pa.Table.from_pylist(main), pa.Table.from_pylist(rows(p["docs"], p["warmup_docs"]))
-
-
-def job_dict(p: dict[str, Any], model: Path, inp: Path, out: Path) -> dict[str, Any]:
-    return {
-        "name": "bench-prefix",
-        "input": {"path": str(inp), "text_columns": ["doc", "question"], "id_column": "id"},
-        "task": {"type": "classify", "labels": LABELS},
-        "prompt": {"system": SYSTEM, "template": TEMPLATE},  # order: auto (the default)
-        "model": {"path": str(model), "preset": p["model_preset"], "engine": dict(p["engine"])},
-        "output": {"dir": str(out), "part_rows": p["part_rows"]},
-        "cluster": {"address": "local"},
-    }
 
 
 def prepare(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> dict[str, Any]:
