@@ -103,9 +103,39 @@ def test_serve_colocated_starts_streams_and_undeploys_on_sigterm(tiny_model, tmp
 
 
 def test_serve_split_direct_two_ingress_replicas_share_the_port(tiny_model, tmp_path):
+    """Tokens come back on the ingress's shared channel (channel.py): concurrent streams each get their
+    own tokens (the same text as unstreamed answers), a stream left early and a refused request spare
+    the rest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
     with _serving(tmp_path, tiny_model, {"layout": "split-direct", "ingress_replicas": 2}) as port:
         assert _listeners(port) == 2  # both Api replicas listen on http.port itself; no Serve proxy
         _streams_token_by_token(port)
         # many connections, each answered (the kernel spreads them over the two replicas)
         codes = {httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code for _ in range(12)}
         assert codes == {200}
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+        # a different length per stream (the tiny model writes the same token over and over): a delta
+        # handed to the wrong stream would show in its text or its token count
+        prompts = [f"story number {i}:" for i in range(8)]
+        kw = {"model": "tiny", "temperature": 0, "extra_body": {"ignore_eos": True}}
+
+        def streamed(i: int) -> tuple[str, int]:
+            chunks = list(client.completions.create(prompt=prompts[i], max_tokens=12 + 3 * i, stream=True,
+                                                    stream_options={"include_usage": True}, **kw))  # fmt: skip
+            return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(streamed, range(8)))
+        plain = [client.completions.create(prompt=p, max_tokens=12 + 3 * i, **kw).choices[0].text
+                 for i, p in enumerate(prompts)]  # fmt: skip
+        assert [t for t, _ in got] == plain and [n for _, n in got] == [12 + 3 * i for i in range(8)]
+        assert len(set(plain)) == 8
+        left = client.completions.create(prompt="left early", stream=True, max_tokens=400, **kw)
+        next(iter(left))
+        left.close()  # the ingress aborts it on the engine replica
+        with pytest.raises(openai.BadRequestError, match="top_k"):
+            client.completions.create(prompt="x", extra_body={"top_k": -5}, model="tiny")  # refused at submit
+        assert streamed(0) == got[0]

@@ -2,7 +2,7 @@
 
 http.layout split:
     Api      (FastAPI ingress, num_cpus=0)  auth, limits, chat template → token ids, SSE, /metrics
-      │ handle calls, priority 0 (a stream is one streaming call; its items are coalesced deltas)
+      │ handle calls, priority 0; tokens come back on one channel per (Api, Engine) replica pair (channel.py)
     Engine   (one replica per GPU, else a fraction of a CPU)  turbo_batch.engine.Engine (vLLM AsyncLLM)
       ▲ handle.run_rows(..., priority=job.cluster.priority)   batch jobs with cluster.engine_source=serve
 http.layout split-direct: the same two deployments, the Api replicas serving HTTP themselves on http.port
@@ -111,6 +111,8 @@ def build_app(spec: ServeSpec, *, key: str | None, gpus: int | None = None) -> A
         dep = serve.deployment(serve.ingress()(EngineApi), **engine_opts)
         return dep.bind(model, spec.max_labels, lim.max_online_per_engine, config)
     ingress_cls: type = Api
+    # the Api replicas' token channels (channel.py): calls that name an engine replica go to that replica
+    engine_opts["request_router_config"] = {"request_router_class": "turbo_batch.serve.channel:ReplicaRouter"}
     if spec.http.layout == "split-direct":  # the Api replicas listen on http.port themselves (direct.py)
         from turbo_batch.serve.direct import DirectApi
 

@@ -100,6 +100,10 @@ class EngineReplica:
         self.batch_inflight = 0
         self.aborted = 0
         self._wake = asyncio.Event()
+        from turbo_batch.serve.channel import ChannelHub  # (channel.py imports this module)
+
+        self.hub = ChannelHub()  # token channels to the ingress replicas (split layouts, channel.py)
+        self._replica_id: str | None = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve's user_config: updated in place on a redeploy, without restarting the engine."""
@@ -239,6 +243,42 @@ class EngineReplica:
             self._release(1)
             if not finished:  # the caller went away (client disconnect): Engine.stream aborted it
                 self.aborted += 1
+
+    # -- token channels (channel.py): what ChannelEngine calls by handle in the split layouts ----------
+    def _me(self, replica: str | None = None) -> str:
+        if self._replica_id is None:
+            from turbo_batch.serve.channel import replica_id
+
+            self._replica_id = replica_id()
+        if replica is not None and replica != self._replica_id:  # the router did not pin the call
+            raise RuntimeError(f"a call for engine replica {replica} reached {self._replica_id}")
+        return self._replica_id
+
+    async def submit(
+        self,
+        channel: str,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+        request_id: str,
+        *,
+        stream: bool = False,
+        trace: bool = False,
+    ) -> dict[str, Any]:
+        """Start an online request; returns its first delta, whether more follow on `channel`, and this
+        replica's id (where the ingress opens the channel and sends an abort)."""
+        me = self._me()
+        gen = self.generate(prompt_ids, params, request_id, stream=stream, trace=trace)
+        return {**(await self.hub.submit(channel, gen, request_id)), "replica": me}
+
+    async def channel(self, channel: str, replica: str | None = None):
+        """One ingress's deltas from this replica: lists of (request id, item) (see ChannelHub)."""
+        self._me(replica)
+        async for batch in self.hub.stream(channel):
+            yield batch
+
+    def abort(self, request_id: str, replica: str | None = None) -> bool:
+        self._me(replica)
+        return self.hub.abort(request_id)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)
