@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from turbo_batch.serve.channel import ChannelEngine, ChannelError, ChannelHub
+from turbo_batch.serve.channel import ChannelError, ChannelHub
+from turbo_batch.serve.client import ChannelEngine
 
 
 async def deltas(n: int, log: list, name: str, fail_after: int | None = None, step: float = 0.0):

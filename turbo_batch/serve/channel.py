@@ -20,7 +20,8 @@ Protocol, per request (ids are the ingress's):
   3. A request the client leaves is cancelled by `abort(request_id, replica=...)`. A channel that closes
      cancels that ingress's requests on the replica, and a channel that fails fails them at the ingress.
 
-Owns: `ChannelHub` (the Engine replica's side), `ChannelEngine` (the ingress's side), `ReplicaRouter`.
+Owns: `ChannelHub` (the Engine replica's side) and `ReplicaRouter`; the ingress's side is
+`client.ChannelEngine`.
 Must not touch: vLLM requests themselves (replica.py: `generate` runs them, with their admission and
 abort), routes and SSE (ingress.py), Serve options (app.py).
 """
@@ -29,14 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from turbo_batch.serve.client import HandleEngine
-
-log = logging.getLogger("turbo_batch.serve")
 OPEN_TIMEOUT_S = 30.0  # a channel whose replica never answers fails its requests instead of hanging
 
 try:  # Ray Serve's default router; the subclass only pins calls that name a replica
@@ -130,69 +126,3 @@ class ChannelHub:
 
 class ChannelError(RuntimeError):
     """A request failed on the engine side after its first delta, or its channel broke."""
-
-
-class ChannelEngine(HandleEngine):
-    """The ingress's side: HandleEngine whose `generate` takes its deltas from a shared channel."""
-
-    def __init__(self, handle: Any):
-        super().__init__(handle)
-        self.id = uuid.uuid4().hex
-        self.pending: dict[str, tuple[asyncio.Queue, str | None]] = {}  # request → (its items, replica)
-        self.readers: dict[str, asyncio.Task] = {}  # replica → the task reading its channel
-
-    async def generate(
-        self, ids: list[int], params: dict[str, Any], rid: str, *, stream: bool, trace: bool = False
-    ) -> AsyncIterator[dict[str, Any]]:
-        q: asyncio.Queue = asyncio.Queue()
-        self.pending[rid] = (q, None)
-        replica, done = None, False
-        try:
-            res = await self.handle.submit.remote(self.id, ids, params, rid, stream=stream, trace=trace)
-            replica = res["replica"]
-            self.pending[rid] = (q, replica)
-            if res["first"] is not None:
-                yield res["first"]
-            if not res["more"]:
-                done = True
-                return
-            self._reader(replica)
-            while True:
-                item = await q.get()
-                if item is None:
-                    done = True
-                    return
-                if "error" in item:
-                    done = True
-                    raise ChannelError(item["error"])
-                yield item
-        finally:
-            self.pending.pop(rid, None)
-            if not done and replica is not None:  # the client left mid-stream: stop the engine's work
-                self.handle.abort.remote(rid, replica=replica)
-
-    def _reader(self, replica: str) -> None:
-        task = self.readers.get(replica)
-        if task is None or task.done():
-            self.readers[replica] = asyncio.get_running_loop().create_task(self._read(replica))
-
-    async def _read(self, replica: str) -> None:
-        why = "closed"
-        try:
-            gen = self._stream.channel.remote(self.id, replica=replica).__aiter__()
-            await asyncio.wait_for(gen.__anext__(), OPEN_TIMEOUT_S)  # the opening []
-            async for batch in gen:
-                for rid, item in batch:
-                    entry = self.pending.get(rid)
-                    if entry is not None:
-                        entry[0].put_nowait(item)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            why = f"{type(e).__name__}: {e}"
-            log.warning("token channel to engine replica %s failed: %s", replica, why)
-        finally:
-            self.readers.pop(replica, None)
-            for q, r in list(self.pending.values()):  # its requests cannot get more tokens
-                if r == replica:
-                    q.put_nowait({"error": f"the channel to engine replica {replica} {why}"})

@@ -5,16 +5,23 @@ generate is one streaming handle call whose items are the replica's deltas, and 
 a call cancels it in the replica (which aborts the vLLM request). `LocalEngine` wraps an
 `EngineReplica` in the same process (layout `colocated`: the Engine deployment is itself the FastAPI
 ingress), so tokens never cross a process boundary before the HTTP response. Both offer the same
-async methods, so the routes (ingress.py) don't know which layout runs. No HTTP and no Serve options.
+async methods, so the routes (ingress.py) don't know which layout runs. `ChannelEngine` (what the
+split layouts' Api uses) is HandleEngine with `generate` fed by a token channel (channel.py): one
+streaming call per Engine replica for all of this ingress's streams. No HTTP and no Serve options.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from turbo_batch.serve.channel import OPEN_TIMEOUT_S, ChannelError
 from turbo_batch.serve.replica import ONLINE_PRIORITY
+
+log = logging.getLogger("turbo_batch.serve")
 
 
 class EngineClient(Protocol):
@@ -84,3 +91,69 @@ class LocalEngine:
                 yield item
         finally:
             await gen.aclose()
+
+
+class ChannelEngine(HandleEngine):
+    """The ingress's side: HandleEngine whose `generate` takes its deltas from a shared channel."""
+
+    def __init__(self, handle: Any):
+        super().__init__(handle)
+        self.id = uuid.uuid4().hex
+        self.pending: dict[str, tuple[asyncio.Queue, str | None]] = {}  # request → (its items, replica)
+        self.readers: dict[str, asyncio.Task] = {}  # replica → the task reading its channel
+
+    async def generate(
+        self, ids: list[int], params: dict[str, Any], rid: str, *, stream: bool, trace: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        q: asyncio.Queue = asyncio.Queue()
+        self.pending[rid] = (q, None)
+        replica, done = None, False
+        try:
+            res = await self.handle.submit.remote(self.id, ids, params, rid, stream=stream, trace=trace)
+            replica = res["replica"]
+            self.pending[rid] = (q, replica)
+            if res["first"] is not None:
+                yield res["first"]
+            if not res["more"]:
+                done = True
+                return
+            self._reader(replica)
+            while True:
+                item = await q.get()
+                if item is None:
+                    done = True
+                    return
+                if "error" in item:
+                    done = True
+                    raise ChannelError(item["error"])
+                yield item
+        finally:
+            self.pending.pop(rid, None)
+            if not done and replica is not None:  # the client left mid-stream: stop the engine's work
+                self.handle.abort.remote(rid, replica=replica)
+
+    def _reader(self, replica: str) -> None:
+        task = self.readers.get(replica)
+        if task is None or task.done():
+            self.readers[replica] = asyncio.get_running_loop().create_task(self._read(replica))
+
+    async def _read(self, replica: str) -> None:
+        why = "closed"
+        try:
+            gen = self._stream.channel.remote(self.id, replica=replica).__aiter__()
+            await asyncio.wait_for(gen.__anext__(), OPEN_TIMEOUT_S)  # the opening []
+            async for batch in gen:
+                for rid, item in batch:
+                    entry = self.pending.get(rid)
+                    if entry is not None:
+                        entry[0].put_nowait(item)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            why = f"{type(e).__name__}: {e}"
+            log.warning("token channel to engine replica %s failed: %s", replica, why)
+        finally:
+            self.readers.pop(replica, None)
+            for q, r in list(self.pending.values()):  # its requests cannot get more tokens
+                if r == replica:
+                    q.put_nowait({"error": f"the channel to engine replica {replica} {why}"})

@@ -26,8 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, chat_text, load_tokenizer
-from turbo_batch.serve.channel import ChannelEngine
-from turbo_batch.serve.client import EngineClient
+from turbo_batch.serve.client import ChannelEngine, EngineClient
 from turbo_batch.serve.http import (
     ARRIVED,
     ApiError,
