@@ -278,3 +278,37 @@ def test_until_disconnect_runs_the_work_in_the_request_task_and_cancels_it_on_di
             await outer
 
     asyncio.run(main())
+
+
+def test_two_servers_share_one_port_and_close_it_on_stop():
+    """DirectServer(shared=True) (layout split-direct's ingress replicas): two servers listen on the one
+    port, each keeps its listening socket while it runs, and the port is closed once both stop."""
+    import asyncio
+    import socket
+
+    import httpx
+    from fastapi import FastAPI
+
+    from turbo_batch.serve.direct import DirectServer
+
+    app = FastAPI()
+    app.get("/ping")(lambda: {"ok": True})
+
+    async def main():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        a = await DirectServer.start(app, "127.0.0.1", port, shared=True)
+        b = await DirectServer.start(app, "127.0.0.1", port, shared=True)
+        assert (a.port, b.port) == (port, port)
+        async with httpx.AsyncClient() as c:  # a new connection each: the kernel picks a server
+            for _ in range(8):
+                r = await c.get(f"http://127.0.0.1:{port}/ping", headers={"Connection": "close"})
+                assert r.json() == {"ok": True}
+        for srv in (a, b):
+            srv.stop()
+            await asyncio.wait_for(srv.task, 10)
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+
+    asyncio.run(main())

@@ -79,12 +79,10 @@ class DirectServer:
         """Serve `app` on the first free port from `port` on, or (`shared`) on `port` itself beside
         the other replicas of this host that listen there (SO_REUSEPORT)."""
         if shared:
-            sock = _shared_socket(host, port)
-            try:
-                server = await cls._serve(app, host, port, [sock])
-            finally:
-                sock.close()  # uvicorn's server holds its own duplicate of the listening socket
+            sock = _shared_socket(host, port)  # from here the server owns it and closes it on stop
+            server = await cls._serve(app, host, port, [sock])
             if server is None:
+                sock.close()
                 raise OSError(f"the ingress replica's HTTP server did not start on {host}:{port}")
             return server
         for candidate in range(port, port + PORT_TRIES):
