@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from turbo_batch.serve.channel import ChannelError, ChannelHub
-from turbo_batch.serve.client import ChannelEngine
+from turbo_batch.serve.client import HandleEngine
 
 
 async def deltas(n: int, log: list, name: str, fail_after: int | None = None, step: float = 0.0):
@@ -38,7 +38,7 @@ class _Call:
 
 
 class FakeHandle:
-    """What ChannelEngine calls: submit / channel (streaming) / abort, served by one ChannelHub."""
+    """What HandleEngine calls: submit / channel (streaming) / abort, served by one ChannelHub."""
 
     def __init__(self, streams: dict[str, Any], replica: str = "r1"):
         self.hub, self.streams, self.replica, self.aborts = ChannelHub(), streams, replica, []
@@ -71,7 +71,7 @@ class FakeHandle:
         return self.hub.abort(rid)
 
 
-async def collect(engine: ChannelEngine, rid: str) -> list[str]:
+async def collect(engine: HandleEngine, rid: str) -> list[str]:
     return [d["text"] async for d in engine.generate([1, 2], {}, rid, stream=True)]
 
 
@@ -79,7 +79,7 @@ def test_concurrent_streams_share_one_channel_and_get_their_own_deltas():
     async def main():
         log: list = []
         handle = FakeHandle({f"q{i}": deltas(5 + i, log, f"q{i}-", step=0.001) for i in range(4)})
-        engine = ChannelEngine(handle)
+        engine = HandleEngine(handle)
         batches: list[int] = []
         stream = handle.hub.stream  # count the batches the engine side sends
 
@@ -105,7 +105,7 @@ def test_leaving_a_stream_aborts_it_on_the_engine_and_an_engine_error_reaches_th
         handle = FakeHandle(
             {"long": deltas(1000, log, "long", step=0.002), "bad": deltas(9, log, "bad", fail_after=3)}
         )
-        engine = ChannelEngine(handle)
+        engine = HandleEngine(handle)
         gen = engine.generate([1], {}, "long", stream=True)
         assert (await gen.__anext__())["text"] == "long0 "
         assert (await gen.__anext__())["text"] == "long1 "
@@ -131,7 +131,7 @@ def test_a_one_item_answer_needs_no_channel_and_a_broken_channel_fails_its_reque
             yield one
 
         handle = FakeHandle({"one": single(), "s": deltas(1000, log, "s", step=0.005)})
-        engine = ChannelEngine(handle)
+        engine = HandleEngine(handle)
         assert [d async for d in engine.generate([1], {}, "one", stream=False)] == [one]
         assert not engine.readers
 

@@ -10,7 +10,7 @@ with every delta ready for that ingress — after an engine step, one token for 
 streams still arrive token by token.
 
 Protocol, per request (ids are the ingress's):
-  1. `ChannelEngine.generate` registers the request, then calls `EngineReplica.submit(channel, ...)` by
+  1. `client.HandleEngine.generate` registers the request, then calls `EngineReplica.submit(channel, ...)` by
      handle (power-of-two routing picks the replica). The call returns once the first delta exists, with
      that delta, whether more follow, and the replica's id. Admission errors (InvalidRequest → 400,
      EngineOverloaded → 503) raise there, as in a plain call.
@@ -21,7 +21,7 @@ Protocol, per request (ids are the ingress's):
      cancels that ingress's requests on the replica, and a channel that fails fails them at the ingress.
 
 Owns: `ChannelHub` (the Engine replica's side) and `ReplicaRouter`; the ingress's side is
-`client.ChannelEngine`.
+`client.HandleEngine`.
 Must not touch: vLLM requests themselves (replica.py: `generate` runs them, with their admission and
 abort), routes and SSE (ingress.py), Serve options (app.py).
 """

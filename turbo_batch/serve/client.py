@@ -1,13 +1,12 @@
 """How the ingress reaches an engine: through a Serve handle (split layout) or in-process (colocated).
 
-`HandleEngine` wraps the Engine deployment's handle: every call goes through Serve's router, a streamed
-generate is one streaming handle call whose items are the replica's deltas, and closing or cancelling
-a call cancels it in the replica (which aborts the vLLM request). `LocalEngine` wraps an
-`EngineReplica` in the same process (layout `colocated`: the Engine deployment is itself the FastAPI
-ingress), so tokens never cross a process boundary before the HTTP response. Both offer the same
-async methods, so the routes (ingress.py) don't know which layout runs. `ChannelEngine` (what the
-split layouts' Api uses) is HandleEngine with `generate` fed by a token channel (channel.py): one
-streaming call per Engine replica for all of this ingress's streams. No HTTP and no Serve options.
+`HandleEngine` wraps the Engine deployment's handle (the split layouts): every call goes through Serve's
+router; a generate is submitted by one call and its deltas come on a token channel (channel.py): one
+streaming call per Engine replica for all of this ingress's streams; leaving a stream aborts it in the
+replica. `LocalEngine` wraps an `EngineReplica` in the same process (layout `colocated`: the Engine
+deployment is itself the FastAPI ingress), so tokens never cross a process boundary before the HTTP
+response. Both offer the same async methods, so the routes (ingress.py) don't know which layout runs.
+No HTTP and no Serve options.
 """
 
 from __future__ import annotations
@@ -39,6 +38,9 @@ class HandleEngine:
     def __init__(self, handle: Any):
         self.handle = handle
         self._stream = handle.options(stream=True)
+        self.id = uuid.uuid4().hex  # this ingress's channel id
+        self.pending: dict[str, tuple[asyncio.Queue, str | None]] = {}  # request → (its items, replica)
+        self.readers: dict[str, asyncio.Task] = {}  # replica → the task reading its channel
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()
@@ -53,54 +55,6 @@ class HandleEngine:
         except asyncio.CancelledError:  # the client went away: the replica aborts the rows
             call.cancel()
             raise
-
-    async def generate(
-        self, ids: list[int], params: dict[str, Any], rid: str, *, stream: bool, trace: bool = False
-    ) -> AsyncIterator[dict[str, Any]]:
-        gen = self._stream.generate.remote(
-            ids, params, rid, stream=stream, priority=ONLINE_PRIORITY, trace=trace
-        )
-        try:
-            async for item in gen:
-                yield item
-        finally:  # closed early (disconnect, error): cancel the call, the replica aborts the request
-            gen.cancel()
-
-
-class LocalEngine:
-    """An EngineReplica in this process (the colocated layout)."""
-
-    def __init__(self, replica: Any):
-        self.replica = replica
-
-    async def info(self) -> dict[str, Any]:
-        return self.replica.info()
-
-    async def check_health(self) -> None:
-        await self.replica.check_health()
-
-    async def classify(self, rows: list[dict[str, Any]], task: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self.replica.classify(rows, task, ONLINE_PRIORITY)
-
-    async def generate(
-        self, ids: list[int], params: dict[str, Any], rid: str, *, stream: bool, trace: bool = False
-    ) -> AsyncIterator[dict[str, Any]]:
-        gen = self.replica.generate(ids, params, rid, stream=stream, priority=ONLINE_PRIORITY, trace=trace)
-        try:
-            async for item in gen:
-                yield item
-        finally:
-            await gen.aclose()
-
-
-class ChannelEngine(HandleEngine):
-    """The ingress's side: HandleEngine whose `generate` takes its deltas from a shared channel."""
-
-    def __init__(self, handle: Any):
-        super().__init__(handle)
-        self.id = uuid.uuid4().hex
-        self.pending: dict[str, tuple[asyncio.Queue, str | None]] = {}  # request → (its items, replica)
-        self.readers: dict[str, asyncio.Task] = {}  # replica → the task reading its channel
 
     async def generate(
         self, ids: list[int], params: dict[str, Any], rid: str, *, stream: bool, trace: bool = False
@@ -157,3 +111,29 @@ class ChannelEngine(HandleEngine):
             for q, r in list(self.pending.values()):  # its requests cannot get more tokens
                 if r == replica:
                     q.put_nowait({"error": f"the channel to engine replica {replica} {why}"})
+
+
+class LocalEngine:
+    """An EngineReplica in this process (the colocated layout)."""
+
+    def __init__(self, replica: Any):
+        self.replica = replica
+
+    async def info(self) -> dict[str, Any]:
+        return self.replica.info()
+
+    async def check_health(self) -> None:
+        await self.replica.check_health()
+
+    async def classify(self, rows: list[dict[str, Any]], task: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.replica.classify(rows, task, ONLINE_PRIORITY)
+
+    async def generate(
+        self, ids: list[int], params: dict[str, Any], rid: str, *, stream: bool, trace: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        gen = self.replica.generate(ids, params, rid, stream=stream, priority=ONLINE_PRIORITY, trace=trace)
+        try:
+            async for item in gen:
+                yield item
+        finally:
+            await gen.aclose()

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from turbo_batch.prompt import PromptBuilder, PromptConfig, RowProblem, chat_text, load_tokenizer
-from turbo_batch.serve.client import ChannelEngine, EngineClient
+from turbo_batch.serve.client import EngineClient, HandleEngine
 from turbo_batch.serve.http import (
     ARRIVED,
     ApiError,
@@ -59,9 +59,7 @@ class Api:
     def __init__(self, engine: Any, config: dict[str, Any]):
         # a Serve handle to the Engine deployment (split layout) or an EngineClient (colocated)
         self.engine: EngineClient = (
-            engine
-            if hasattr(engine, "generate") and not hasattr(engine, "options")
-            else ChannelEngine(engine)
+            engine if hasattr(engine, "generate") and not hasattr(engine, "options") else HandleEngine(engine)
         )
         trace = os.environ.get("TURBO_BATCH_TRACE")  # a JSONL file: one line of stage times per stream
         self.trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115

@@ -244,7 +244,7 @@ class EngineReplica:
             if not finished:  # the caller went away (client disconnect): Engine.stream aborted it
                 self.aborted += 1
 
-    # -- token channels (channel.py): what ChannelEngine calls by handle in the split layouts ----------
+    # -- token channels (channel.py): what client.HandleEngine calls by handle in the split layouts ----------
     def _me(self, replica: str | None = None) -> str:
         if self._replica_id is None:
             from turbo_batch.serve.channel import replica_id
