@@ -43,7 +43,6 @@ def _shared_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(2048)
-        sock.set_inheritable(True)
     except OSError as e:
         sock.close()
         raise OSError(f"the ingress replica cannot listen on {host}:{port}: {e.strerror or e}") from None
@@ -135,9 +134,6 @@ class DirectApi(Api):
         self.direct: DirectServer | None = await DirectServer.start(
             self.__serve_build_asgi_app__(), config["direct"]["host"], config["direct"]["port"], shared=True
         )
-
-    def info(self) -> dict[str, Any]:
-        return {"http_url": self.direct.url if self.direct else None}
 
     def __del__(self) -> None:
         direct = getattr(self, "direct", None)
