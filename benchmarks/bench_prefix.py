@@ -42,6 +42,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the repo: tur
 from bench import common as bb  # helpers shared with bench_batch.py
 from bench.prefix_data import LABELS, job_dict, prefix_tables
 from bench.prefix_report import markdown, merge, results
+from bench.raw import child_prefix_raw
 from bench.rdl import child_rdl
 from bench.report import agreement
 from bench.turbo import run_turbo
@@ -186,50 +187,6 @@ def prepare(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> di
 # --------------------------------------------------------------------------------------- variants
 
 
-def child_raw(workdir: Path, repeat: int) -> None:
-    """One engine: warm-up, then `repeat` alternating (shuffled, grouped) generate calls, cache reset each."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    plan = bb.load_plan(workdir)
-    sets = {
-        "shuffled": bb.read_rendered(workdir / "rendered.parquet"),
-        "grouped": bb.read_rendered(workdir / "grouped.parquet"),
-    }
-    warm = bb.read_rendered(workdir / "warmup.parquet")
-    nice = bb.same_niceness_as_ray()
-    t0 = time.perf_counter()
-    llm = LLM(**plan["engine_args"])
-    start_s = time.perf_counter() - t0
-    label_ids = list(sets["shuffled"][0]["label_ids"])
-    sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(label_ids), allowed_token_ids=label_ids,
-                        detokenize=False)  # fmt: skip
-    llm.generate([TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in warm], sp, use_tqdm=False)
-    cache = llm.llm_engine.vllm_config.cache_config
-    runs: list[dict[str, Any]] = []
-    for i in range(repeat):
-        for name, rows in sets.items():
-            llm.reset_prefix_cache()
-            prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in rows]
-            t1 = time.perf_counter()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
-            dt = time.perf_counter() - t1
-            cached = sum(o.num_cached_tokens or 0 for o in outs)
-            total = sum(len(o.prompt_token_ids) for o in outs)
-            runs.append({"variant": f"raw_{name}", "run": i + 1, "rows": len(rows), "timed_s": dt,
-                         "rows_per_s": len(rows) / dt, "prefix_cache_hit_pct": round(100 * cached / total, 2)})  # fmt: skip
-            bb.log(
-                f"raw_{name} run {i + 1}: {len(rows) / dt:.2f} rows/s, cache hits {100 * cached / total:.1f}%"
-            )
-            if name == "shuffled" and i == repeat - 1:
-                scored = [bb.label_of(plan["labels"], label_ids, o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None) for o in outs]  # fmt: skip
-                bb.write_outputs(workdir, "raw", [
-                    {"row_id": r["row_id"], "prompt_tokens": len(o.prompt_token_ids), "label": x[0], "probs": x[1]}
-                    for r, o, x in zip(rows, outs, scored, strict=True)])  # fmt: skip
-    bb.emit({"variant": "raw", "engine_start_s": start_s, "niceness": nice, "runs": runs,
-             "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size})  # fmt: skip
-
-
 def child_probe(workdir: Path, args: argparse.Namespace) -> None:
     """Machine facts (+ the GPU model's random weights): torch/CUDA only ever initialise in a child."""
     info = bb.machine()
@@ -248,9 +205,13 @@ def child_probe(workdir: Path, args: argparse.Namespace) -> None:
     bb.emit(info)
 
 
-def run_child(workdir: Path, what: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+def run_child(
+    workdir: Path, what: str, args: argparse.Namespace, timeout: float, deadline: float | None = None
+) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--preset", args.preset, "--workdir", str(workdir), "--child", what,
            "--tok", args.tok, "--repeat", str(args.repeat or PRESETS[args.preset]["repeat"])]  # fmt: skip
+    if deadline:
+        cmd += ["--deadline", str(deadline)]
     if args.model_dir:
         cmd += ["--model-dir", args.model_dir]
     if args.dry_run:
@@ -301,6 +262,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant run")
     ap.add_argument("--merge", nargs="+", default=None, help="results JSONs of a pair run's halves → one")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.merge:
         data = merge([json.loads(Path(f).read_text()) for f in args.merge])
@@ -312,7 +274,7 @@ def main() -> None:
     workdir = Path(args.workdir or REPO / "out" / "bench_prefix" / args.preset).resolve()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     if args.child:
-        {"probe": lambda: child_probe(workdir, args), "raw": lambda: child_raw(workdir, args.repeat or 1),
+        {"probe": lambda: child_probe(workdir, args), "raw": lambda: child_prefix_raw(workdir, args.repeat or 1, args.deadline),
          "ray_data_llm": lambda: child_rdl(workdir)}[args.child]()  # fmt: skip
         return
 
@@ -364,7 +326,9 @@ def main() -> None:
                 r = run_turbo(workdir, plan)
                 runs.append({**r, "load1_before": la})
             elif v == "raw":
-                r = run_child(workdir, "raw", args, args.timeout)
+                end = time.time() + args.budget_s - elapsed if args.budget_s else None
+                r = run_child(workdir, "raw", args, args.timeout, end)
+                skipped += r.get("skipped") or []
                 runs += [{**x, "engine_start_s": r["engine_start_s"], "load1_before": la} for x in r["runs"]]
                 checks["raw_kv_cache_tokens"] = r["kv_cache_tokens"]
             else:

@@ -3,7 +3,9 @@
 Presets whose engine args are equal share one engine (one start instead of one per preset); the
 prefix cache is reset before every timed call, so no workload reuses another's (or its own warm-up's)
 cached blocks. Modes: raw (one pass for classify, the job's sampling for generate) and raw_guided
-(guided choice over the labels, max_tokens = longest label + 1)."""
+(guided choice over the labels, max_tokens = longest label + 1).
+
+child_prefix_raw is bench_prefix.py's raw child: one engine, alternating shuffled / grouped calls."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import emit, label_of, load_plan, read_rendered, same_niceness_as_ray, write_outputs
+from .common import emit, label_of, load_plan, log, read_rendered, same_niceness_as_ray, write_outputs
 
 
 def _reset_cache(llm: Any) -> None:
@@ -113,3 +115,56 @@ def child_raw(workdirs: dict[str, Path]) -> None:
                 }
             )
             _reset_cache(llm)
+
+
+def child_prefix_raw(workdir: Path, repeat: int, deadline: float | None = None) -> None:
+    """One engine: warm-up, then `repeat` alternating (shuffled, grouped) generate calls, cache reset each.
+    A call that would end past `deadline` (epoch seconds; its length guessed from its last run) is skipped,
+    so a budget-cut child still reports the runs it made."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    plan = load_plan(workdir)
+    sets = {
+        "shuffled": read_rendered(workdir / "rendered.parquet"),
+        "grouped": read_rendered(workdir / "grouped.parquet"),
+    }
+    warm = read_rendered(workdir / "warmup.parquet")
+    nice = same_niceness_as_ray()
+    t0 = time.perf_counter()
+    llm = LLM(**plan["engine_args"])
+    start_s = time.perf_counter() - t0
+    label_ids = list(sets["shuffled"][0]["label_ids"])
+    sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(label_ids), allowed_token_ids=label_ids,
+                        detokenize=False)  # fmt: skip
+    llm.generate([TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in warm], sp, use_tqdm=False)
+    cache = llm.llm_engine.vllm_config.cache_config
+    runs: list[dict[str, Any]] = []
+    last: dict[str, float] = {}
+    skipped: list[str] = []
+    for i in range(repeat):
+        for name, rows in sets.items():
+            if deadline and name in last and time.time() + last[name] > deadline:
+                skipped.append(f"raw_{name} (run {i + 1})")
+                log(f"raw_{name} run {i + 1}: skipped, it would end past the budget")
+                continue
+            llm.reset_prefix_cache()
+            prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in rows]
+            t1 = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            dt = time.perf_counter() - t1
+            last[name] = dt
+            cached = sum(o.num_cached_tokens or 0 for o in outs)
+            total = sum(len(o.prompt_token_ids) for o in outs)
+            runs.append({"variant": f"raw_{name}", "run": i + 1, "rows": len(rows), "timed_s": dt,
+                         "rows_per_s": len(rows) / dt, "prefix_cache_hit_pct": round(100 * cached / total, 2)})  # fmt: skip
+            log(
+                f"raw_{name} run {i + 1}: {len(rows) / dt:.2f} rows/s, cache hits {100 * cached / total:.1f}%"
+            )
+            if name == "shuffled":  # every run: a budget-cut child still leaves raw's labels
+                scored = [label_of(plan["labels"], label_ids, o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None) for o in outs]  # fmt: skip
+                write_outputs(workdir, "raw", [
+                    {"row_id": r["row_id"], "prompt_tokens": len(o.prompt_token_ids), "label": x[0], "probs": x[1]}
+                    for r, o, x in zip(rows, outs, scored, strict=True)])  # fmt: skip
+    emit({"variant": "raw", "engine_start_s": start_s, "niceness": nice, "runs": runs, "skipped": skipped,
+             "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size})  # fmt: skip
