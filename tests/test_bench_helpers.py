@@ -68,7 +68,7 @@ def test_prefix_pair_halves_merge_into_one_result():
     import pytest
     from bench_prefix import markdown, merge
 
-    d = json.loads((REPO / "benchmarks" / "results" / "prefix_gpu-gemma4.json").read_text())
+    d = json.loads((REPO / "benchmarks" / "results" / "prefix_gpu-gemma4-9b.json").read_text())
     raw, turbo = copy.deepcopy(d), copy.deepcopy(d)
     raw["runs"], raw["checks"] = [r for r in d["runs"] if r["variant"] != "turbo"], {}
     turbo["runs"] = [r for r in d["runs"] if r["variant"] == "turbo"]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from . import common as bb
 
 SETTINGS = ("shape", "rows", "total_prompt_tokens", "prompt_tokens", "labels", "engine_args", "order_stage",
-            "rdl", "repeat", "rdl_repeat", "job")  # fmt: skip
+            "rdl", "repeat", "rdl_repeat", "job", "standin", "model")  # fmt: skip
 
 
 def _median(runs: list[dict[str, Any]], variant: str) -> float | None:
@@ -40,7 +41,7 @@ def results(
         "turbo_over_raw_shuffled": ratio(med["turbo"], med["raw_shuffled"]),
         "turbo_over_raw_grouped": ratio(med["turbo"], med["raw_grouped"]),
         "raw_prefix_cache_hit_pct": {k: statistics.median(v) for k, v in hits.items() if v},
-        "settings": {k: plan[k] for k in SETTINGS},
+        "settings": {k: plan.get(k) for k in SETTINGS},
         "checks": checks,
         "runs": runs,
         "skipped": skipped,
@@ -73,6 +74,12 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return data
 
 
+def _model(s: dict[str, Any]) -> str:
+    if s.get("standin"):
+        return f"random-weight Gemma 4 stand-in `{s['standin']}` (BENCH_STANDIN), not the Turbo checkpoint"
+    return f"`{Path(str(s.get('model', '?'))).name}`"
+
+
 def markdown(d: dict[str, Any]) -> str:
     m, s = d["machine"], d["settings"]
     where = (
@@ -91,15 +98,20 @@ def markdown(d: dict[str, Any]) -> str:
         f"mean {s['prompt_tokens']['mean']} ({s['total_prompt_tokens']} in all), classify yes/no in one forward pass; "
         f"engine args `{json.dumps({k: v for k, v in s['engine_args'].items() if k != 'model'}, sort_keys=True)}`.",
         "",
-        "| variant | rows/s (median) | runs, rows/s | × raw shuffled | prefix-cache hits |",
-        "|---|---|---|---|---|",
+        f"Model: {_model(s)}; KV cache {s['engine_args'].get('kv_cache_memory_bytes', 0) / 1024**3:g} GiB"
+        f"{f' = {kv:,} tokens by vLLM' if (kv := d['checks'].get('raw_kv_cache_tokens')) else ''}.",
+        "",
+        "| variant | rows/s (median) | runs, rows/s | timed windows, s | × raw shuffled | prefix-cache hits |",
+        "|---|---|---|---|---|---|",
     ]
     for label, v in rows:
         xs = [r["rows_per_s"] for r in d["runs"] if r["variant"] == v]
+        ts = [r["timed_s"] for r in d["runs"] if r["variant"] == v and r.get("timed_s")]
+        win = f"{min(ts):.0f}–{max(ts):.0f}" if ts else "—"
         med = d[f"{v}_rows_s"]
         x = round(med / d["raw_shuffled_rows_s"], 3) if med and d["raw_shuffled_rows_s"] else None
         hit = d["raw_prefix_cache_hit_pct"].get(v)
-        lines.append(f"| {label} | {bb.fmt(med)} | {', '.join(f'{y:.2f}' for y in xs) or '—'} | {bb.fmt(x, 3)} | "
+        lines.append(f"| {label} | {bb.fmt(med)} | {', '.join(f'{y:.2f}' for y in xs) or '—'} | {win} | {bb.fmt(x, 3)} | "
                      f"{'—' if hit is None else f'{hit}%'} |")  # fmt: skip
     o = s["order_stage"]
     lines += [
