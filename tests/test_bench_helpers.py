@@ -106,3 +106,65 @@ def test_ttft_after_first_wave_splits_the_closed_loop_burst_from_the_rest():
     doc = {"preset": "p", "date": "d", "machine": {}, "engine_args": {}, "concurrency": 4, "workloads": [],
            "variants": {"vllm": {"workloads": {"1K": {"req_s": 1.0, **m}}}}}  # fmt: skip
     assert "of the rest: vllm 1K 420.0 / 50.0." in markdown(doc)
+
+
+def test_host_cpu_splits_a_window_by_role_and_title():
+    """bench/hostcpu.py: an interval's CPU is cut in proportion at the window's edges and goes to the
+    title seen at its end; roles come from Ray's process titles."""
+    from bench.hostcpu import HostCpu, role, short_title
+
+    assert role("ray::Engine.run_rows", False) == "engine"
+    assert role("VLLM::EngineCore", False) == "engine"
+    assert role("ray::MapBatches(render)", False) == "ray_tasks"
+    assert role("/usr/bin/raylet --foo", False) == "ray_system"
+    assert role("python -m turbo_batch.cli run job.yaml", True) == "driver"
+    assert short_title("ray::MapBatches(render) x") == "ray::MapBatches(render)"
+    assert short_title("/venv/bin/python3 /venv/lib/ray/gcs_server --x") == "gcs_server"
+    assert short_title("/venv/bin/python3 -u -m turbo_batch.cli run j.yaml") == "turbo_batch.cli"
+    m = HostCpu(root_pid=1, every=1.0)
+    m.samples[1] = [(10.0, 5.0, "python cli"), (12.0, 6.0, "python cli")]  # root: history before polling
+    m.samples[7] = [
+        (10.0, 0.2, "ray::IDLE"),
+        (12.0, 2.2, "ray::MapBatches(render)"),
+        (14.0, 2.2, "ray::IDLE"),
+    ]
+    m.samples[9] = [
+        (11.0, 3.0, "/x/raylet")
+    ]  # first seen already busy: older than the polling, nothing counted
+    # vLLM's engine core before it names itself: all its life is the engine's
+    m.samples[11] = [(12.0, 0.1, "python -c from multiprocessing.spawn"), (13.0, 1.1, "VLLM::EngineCore")]
+    got = m.between(11.0, 13.0)
+    # pid 7: born at ~9.0 (one `every` before its first sample): 0.2 s over 9..10 is outside; 2.0 s over
+    # 10..12, half inside, to the render task; nothing over 12..14. Root: 1.0 s over 10..12, half inside.
+    # pid 11: 0.1 s over 11..12 and 1.0 over 12..13, all inside.
+    assert got["by_role"] == {"driver": 0.5, "engine": 1.1, "ray_tasks": 1.0}
+    assert got["by_title"] == {"VLLM::EngineCore": 1.1, "ray::MapBatches(render)": 1.0, "cli": 0.5}
+    assert m.between(0.0, 100.0)["by_role"] == {"driver": 1.0, "engine": 1.1, "ray_tasks": 2.2}
+
+
+def test_host_cpu_follows_a_real_process_tree():
+    """Polling a real tree: a busy grandchild titled like Ray's engine actor and one like a render task
+    are found under the root and their CPU lands on the right roles; nothing after the window."""
+    import shlex
+    import subprocess
+    import time
+
+    from bench.hostcpu import HostCpu
+
+    py = shlex.quote(str(Path(sys.executable).resolve()))  # the binary itself: a pyenv shim would re-exec
+
+    busy = "import time; t=time.process_time(); exec('while time.process_time()-t<0.4: pass')"
+    script = (f'(exec -a "ray::Engine.run_rows" {py} -c "{busy}") & '
+              f'(exec -a "ray::MapBatches(render)" {py} -c "{busy}") & wait')  # fmt: skip
+    t0 = time.time()
+    p = subprocess.Popen(["bash", "-c", script])
+    m = HostCpu(p.pid, every=0.05).start()
+    p.wait()
+    m.stop()
+    t1 = time.time()
+    got = m.between(t0, t1)
+    assert 0.25 <= got["by_role"].get("engine", 0) <= 0.6, got
+    assert 0.25 <= got["by_role"].get("ray_tasks", 0) <= 0.6, got
+    assert got["by_role"].get("driver", 0) < 0.2, got
+    assert {"ray::Engine.run_rows", "ray::MapBatches(render)"} <= set(got["by_title"]), got
+    assert m.between(t1 + 1, t1 + 10)["by_role"] == {}

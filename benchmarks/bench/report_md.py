@@ -124,6 +124,7 @@ def markdown(d: dict[str, Any]) -> str:
                   f"Ray start + engine start {t['engine_start_s']:.1f} s + run + shutdown). Rows written: "
                   f"{t['rows_ok']} ok, {t['rows_error']} errors; prompt token counts equal to the pre-rendered "
                   f"ones: {t['check'].get('same_prompt_tokens')} of {t['rows']}."]  # fmt: skip
+        lines += host_cpu_lines(t.get("host_cpu"))
     r = d["results"].get("ray_data_llm")
     if r:
         lines += ["", f"Ray Data LLM: total wall {r['total_wall_s']:.1f} s (ray.init + pipeline with engine start) → "
@@ -157,3 +158,18 @@ def markdown(d: dict[str, Any]) -> str:
     if d.get("note"):
         lines += ["", "## Reading", "", d["note"]]
     return "\n".join(lines) + "\n"
+
+
+def host_cpu_lines(h: dict[str, Any] | None) -> list[str]:
+    """turbo-batch's host CPU in its timed window, by process role (bench/hostcpu.py)."""
+    if not h:
+        return []
+    roles = ", ".join(f"{k} {v:.2f}" for k, v in h["by_role"].items())
+    titles = ", ".join(f"`{k}` {v:.2f}" for k, v in list(h["by_title"].items())[:8])
+    w = h.get("whole_run") or {}
+    whole = ", ".join(f"{k} {v:.2f}" for k, v in (w.get("by_role") or {}).items())
+    return ["", f"Host CPU in turbo-batch's timed window ({h['window_s']:.1f} s), CPU seconds by role: {roles}. "
+            f"Engines excluded: **{h['cpu_s_per_1k_rows_excl_engine']:.2f} CPU-s per 1,000 rows** (= cores per "
+            f"1,000 rows/s; issue 11's bar ≤ 1). By process title: {titles}. The whole process (Ray and engine "
+            f"start, and the reading, ordering and rendering done before the engines were ready, included): "
+            f"{whole}; engines excluded {fmt(w.get('cpu_s_per_1k_rows_excl_engine'))} CPU-s per 1,000 rows."]  # fmt: skip
