@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def test_dry_run_of_the_generate_and_20_label_presets(tmp_path):
-    presets = ["cpu-gen-200", "cpu-gen-10", "cpu-20labels", "gpu-gen-200", "gpu-gen-10", "gpu-20labels"]
+    presets = ["cpu-gen-200", "cpu-gen-10", "cpu-20labels", "gpu-gen-200", "gpu-gen-10", "gpu-20labels",
+               "gpu-20labels-smollm2"]  # fmt: skip
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_batch.py"), "--preset", ",".join(presets),
          "--rows", "12", "--dry-run", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")],
@@ -26,7 +27,7 @@ def test_dry_run_of_the_generate_and_20_label_presets(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("variants that would run: raw, turbo\n") == 4
-    assert r.stdout.count("variants that would run: raw, raw_guided, turbo, ray_data_llm") == 2
+    assert r.stdout.count("variants that would run: raw, raw_guided, turbo, ray_data_llm") == 3
     for p in presets:
         w = tmp_path / "w" / p
         job = JobSpec.model_validate(yaml.safe_load((w / "job.yaml").read_text()))
