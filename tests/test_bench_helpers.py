@@ -81,6 +81,10 @@ def test_prefix_pair_halves_merge_into_one_result():
     turbo["settings"]["rows"] += 1
     with pytest.raises(SystemExit):
         merge([raw, turbo])
+    turbo["settings"]["rows"] -= 1
+    turbo["settings"]["standin"] = "1.2b"  # the same rows and engine args on another model shape
+    with pytest.raises(SystemExit):
+        merge([raw, turbo])
 
 
 def test_ttft_after_first_wave_splits_the_closed_loop_burst_from_the_rest():

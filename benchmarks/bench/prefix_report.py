@@ -55,8 +55,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
     def same(d: dict[str, Any]) -> dict[str, Any]:  # the rows and engine; not model folders or run counts
         engine = {k: v for k, v in d["settings"]["engine_args"].items() if k != "model"}
-        keep = ("shape", "rows", "total_prompt_tokens", "prompt_tokens", "labels")
-        return {k: d["settings"][k] for k in keep} | {"engine_args": engine}
+        keep = ("shape", "rows", "total_prompt_tokens", "prompt_tokens", "labels", "standin")
+        return {k: d["settings"].get(k) for k in keep} | {"engine_args": engine}
 
     if any(same(d) != same(parts[0]) for d in parts[1:]):
         raise SystemExit("--merge: the halves ran different settings")
