@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .hostcpu import HostCpu
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "bench_batch.py"  # the children run this file with --child
 MARK = "BENCH_RESULT "
@@ -340,13 +342,27 @@ def run_child_all(
     logf = workdir / f"{what}.log"
     t0 = time.perf_counter()
     with open(logf, "w") as fh:
-        p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=fh, text=True, timeout=timeout)
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=fh, text=True)
+        meter = HostCpu(p.pid).start()  # the child's process tree: its own loop, vLLM's engine core, ...
+        try:
+            stdout, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
+        finally:
+            meter.stop()
     wall = time.perf_counter() - t0
     with open(logf, "a") as fh:
-        fh.write("\n--- stdout ---\n" + p.stdout)
-    results = [json.loads(line[len(MARK) :]) for line in p.stdout.splitlines() if line.startswith(MARK)]
+        fh.write("\n--- stdout ---\n" + stdout)
+    results = [json.loads(line[len(MARK) :]) for line in stdout.splitlines() if line.startswith(MARK)]
     if p.returncode != 0 or not results:
         raise RuntimeError(f"{what} exited {p.returncode}; see {logf}:\n" + tail(logf))
+    for r in results:  # a child that names its timed window [start, end] (epoch s) gets its CPU split there
+        if r.get("window") and r.get("rows"):
+            cpu = meter.between(*r["window"])
+            total = sum(cpu["by_role"].values())
+            r["host_cpu"] = {**cpu, "cpu_s_per_1k_rows": round(1000 * total / r["rows"], 3)}
     return results, wall
 
 

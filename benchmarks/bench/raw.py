@@ -90,9 +90,9 @@ def child_raw(workdirs: dict[str, Path]) -> None:
             llm.generate(wp[1:], sp, use_tqdm=False)
             warm_s = time.perf_counter() - t1
             _reset_cache(llm)
-            t1 = time.perf_counter()
+            t1, w0 = time.perf_counter(), time.time()
             outs = llm.generate(prompts, sp, use_tqdm=False)
-            gen_s = time.perf_counter() - t1
+            gen_s, w1 = time.perf_counter() - t1, time.time()
             parsed = [_parse(plan, mode, label_ids, r["row_id"], o) for r, o in zip(rows, outs, strict=True)]
             write_outputs(workdir, mode, parsed)
             out_tok = sum(p.get("output_tokens") or 0 for p in parsed)
@@ -112,6 +112,7 @@ def child_raw(workdirs: dict[str, Path]) -> None:
                     "warmup_rest_s": warm_s,
                     "niceness": nice,
                     "since_engine_start_s": time.perf_counter() - t0,
+                    "window": [w0, w1],  # run_child_all splits the host CPU of this timed call
                 }
             )
             _reset_cache(llm)

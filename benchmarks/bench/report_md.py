@@ -118,6 +118,13 @@ def markdown(d: dict[str, Any]) -> str:
                   f"{raw['first_request_s']:.2f} s and the other {p['warmup_rows'] - 1} warm-up rows "
                   f"{raw['warmup_rest_s']:.2f} s, outside the timed call; prefix cache reset before it; "
                   f"niceness {raw.get('niceness')}."]  # fmt: skip
+        if raw.get("host_cpu"):
+            h = raw["host_cpu"]
+            roles = ", ".join(
+                f"{'LLM front' if k == 'driver' else k} {v:.2f}" for k, v in h["by_role"].items()
+            )
+            lines += [f"Host CPU of raw vLLM's timed call, CPU seconds: {roles}; "
+                      f"**{h['cpu_s_per_1k_rows']:.2f} CPU-s per 1,000 rows** in all."]  # fmt: skip
     t = d["results"].get("turbo")
     if t:
         lines += ["", f"turbo-batch: wall_s {t['timed_s']:.2f} s; process wall {t['process_wall_s']:.1f} s (Python + "
@@ -168,7 +175,9 @@ def host_cpu_lines(h: dict[str, Any] | None) -> list[str]:
     titles = ", ".join(f"`{k}` {v:.2f}" for k, v in list(h["by_title"].items())[:8])
     w = h.get("whole_run") or {}
     whole = ", ".join(f"{k} {v:.2f}" for k, v in (w.get("by_role") or {}).items())
-    return ["", f"Host CPU in turbo-batch's timed window ({h['window_s']:.1f} s), CPU seconds by role: {roles}. "
+    eng = h["by_role"].get("engine", 0.0) * 1000 / max(h.get("rows") or 0, 1) if h.get("rows") else None
+    return ["", f"Host CPU in turbo-batch's timed window ({h['window_s']:.1f} s), CPU seconds by role: {roles}"
+            f"{f' (engines {eng:.2f} CPU-s per 1,000 rows)' if eng is not None else ''}. "
             f"Engines excluded: **{h['cpu_s_per_1k_rows_excl_engine']:.2f} CPU-s per 1,000 rows** (= cores per "
             f"1,000 rows/s; issue 11's bar ≤ 1). By process title: {titles}. The whole process (Ray and engine "
             f"start, and the reading, ordering and rendering done before the engines were ready, included): "

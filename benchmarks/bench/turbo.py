@@ -75,6 +75,7 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
         "host_cpu": {
             **host,
             "window_s": wall,
+            "rows": s["rows_this_run"],
             "cpu_s_per_1k_rows_excl_engine": round(1000 * not_engine / s["rows_this_run"], 3),
             "whole_run": {
                 **whole,
