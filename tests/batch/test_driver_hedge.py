@@ -12,6 +12,34 @@ from tests.batch.driver_fakes import PacedEngine, run_async, timed_run
 from turbo_batch.batch.driver import Driver
 
 
+def dies_on_arrival(died: dict, name: str, when):
+    """An engine watch: the engine dies once, on the first batch that arrives while `when(ids)` holds
+    (recorded in died[name]); any other batch never finishes."""
+
+    async def watch(eng, ids):
+        if name not in died and when(ids):
+            died[name] = ids
+            raise ActorUnavailableError(f"{name} died", None)
+        await asyncio.Event().wait()
+
+    return watch
+
+
+def dies_once_true(died: dict, name: str, when):
+    """An engine watch: a batch waits until `when(ids)` holds for it, and the engine then dies once
+    (recorded in died[name]); any other batch never finishes."""
+
+    async def watch(eng, ids):
+        while name not in died:
+            if when(ids):
+                died[name] = ids
+                raise ActorUnavailableError(f"{name} died", None)
+            await asyncio.sleep(0.005)
+        await asyncio.Event().wait()
+
+    return watch
+
+
 @run_async
 async def test_a_3x_slower_engine_does_not_hold_up_the_tail(tmp_path):
     """Two engines, one 3x slower; each may hold 64 rows (8 at once) in flight. Without backup copies
@@ -77,15 +105,8 @@ async def test_a_loser_that_ignores_the_cancel_is_dropped(tmp_path):
 @run_async
 async def test_backup_copy_lost_with_its_engine_the_original_still_answers(tmp_path):
     died: dict = {}
-
-    async def die_on_the_first_copy(eng, ids):
-        if "fast" not in died and ids in slow.batches:
-            died["fast"] = ids
-            raise ActorUnavailableError("fast died", None)
-        await asyncio.Event().wait()
-
     slow = PacedEngine("slow", 40.0, capacity=32)
-    fast = PacedEngine("fast", 400.0, watch=die_on_the_first_copy)
+    fast = PacedEngine("fast", 400.0, watch=dies_on_arrival(died, "fast", lambda ids: ids in slow.batches))
     _, got, d = await timed_run(tmp_path, [fast, slow], 96)
     lost = died["fast"]
     assert lost in slow.finished and {got[i]["engine"] for i in lost} == {"slow"}  # the original answered
@@ -97,17 +118,10 @@ async def test_backup_copy_lost_with_its_engine_the_original_still_answers(tmp_p
 @run_async
 async def test_original_lost_while_its_backup_runs(tmp_path):
     died: dict = {}
-
-    async def die_once_copied(eng, ids):
-        while "slow" not in died:
-            if ids in fast.batches:
-                died["slow"] = ids
-                raise ActorUnavailableError("slow died", None)
-            await asyncio.sleep(0.005)
-        await asyncio.Event().wait()
-
     fast = PacedEngine("fast", 400.0)
-    slow = PacedEngine("slow", 40.0, capacity=32, watch=die_once_copied)
+    slow = PacedEngine(
+        "slow", 40.0, capacity=32, watch=dies_once_true(died, "slow", lambda ids: ids in fast.batches)
+    )
     _, got, d = await timed_run(tmp_path, [fast, slow], 96)
     lost = died["slow"]
     assert lost in fast.finished and {got[i]["engine"] for i in lost} == {"fast"}  # the backup answered
@@ -118,23 +132,10 @@ async def test_original_lost_while_its_backup_runs(tmp_path):
 @run_async
 async def test_both_copies_lost_then_the_rows_are_quarantined_once(tmp_path):
     died: dict = {}
-
-    async def fast_dies_on_the_first_copy(eng, ids):
-        if "fast" not in died and ids in slow.batches:
-            died["fast"] = ids
-            raise ActorUnavailableError("fast died", None)
-        await asyncio.Event().wait()
-
-    async def slow_dies_once_its_copy_died(eng, ids):
-        while "slow" not in died:
-            if died.get("fast") == ids:
-                died["slow"] = ids
-                raise ActorUnavailableError("slow died", None)
-            await asyncio.sleep(0.005)
-        await asyncio.Event().wait()
-
-    fast = PacedEngine("fast", 400.0, watch=fast_dies_on_the_first_copy)
-    slow = PacedEngine("slow", 40.0, capacity=32, watch=slow_dies_once_its_copy_died)
+    fast = PacedEngine("fast", 400.0, watch=dies_on_arrival(died, "fast", lambda ids: ids in slow.batches))
+    slow = PacedEngine(
+        "slow", 40.0, capacity=32, watch=dies_once_true(died, "slow", lambda ids: died.get("fast") == ids)
+    )
     _, got, d = await timed_run(tmp_path, [fast, slow], 96)
     lost = died["slow"]
     assert died["fast"] == lost
