@@ -34,7 +34,7 @@ def pyspy_binary() -> str | None:
     return None
 
 
-def _stat_cpu_s(stat: str) -> float:
+def stat_cpu_s(stat: str) -> float:
     """User + system CPU seconds from the text of a /proc .../stat file (fields after the command)."""
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -43,7 +43,7 @@ def _stat_cpu_s(stat: str) -> float:
 def cpu_s(pid: int | None) -> float | None:
     """User + system CPU seconds a process has used so far (/proc/<pid>/stat), None if unknown."""
     try:
-        return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
+        return stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
     except (OSError, ValueError, IndexError, TypeError):
         return None
 
@@ -61,7 +61,7 @@ def thread_cpu(pid: int | None) -> dict[str, float]:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:  # the thread ended
             continue
-        out[name] = out.get(name, 0.0) + _stat_cpu_s(stat)
+        out[name] = out.get(name, 0.0) + stat_cpu_s(stat)
     return out
 
 

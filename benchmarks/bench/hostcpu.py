@@ -24,7 +24,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-_TICK = os.sysconf("SC_CLK_TCK")
+from pyspy import stat_cpu_s  # benchmarks/pyspy.py (benchmarks/ is on sys.path wherever bench is)
+
 ENGINE_MARKS = ("ray::Engine", "VLLM::", "EngineCore", "ServeReplica", "EngineReplica")
 
 
@@ -37,8 +38,7 @@ def _proc(pid: int) -> tuple[int, float, str] | None:
         )
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK, title
+    return int(stat.rsplit(")", 1)[1].split()[1]), stat_cpu_s(stat), title
 
 
 def role(title: str, is_root: bool) -> str:

@@ -175,7 +175,7 @@ def host_cpu_lines(h: dict[str, Any] | None) -> list[str]:
     titles = ", ".join(f"`{k}` {v:.2f}" for k, v in list(h["by_title"].items())[:8])
     w = h.get("whole_run") or {}
     whole = ", ".join(f"{k} {v:.2f}" for k, v in (w.get("by_role") or {}).items())
-    eng = h["by_role"].get("engine", 0.0) * 1000 / max(h.get("rows") or 0, 1) if h.get("rows") else None
+    eng = 1000 * h["by_role"].get("engine", 0.0) / h["rows"] if h.get("rows") else None
     return ["", f"Host CPU in turbo-batch's timed window ({h['window_s']:.1f} s), CPU seconds by role: {roles}"
             f"{f' (engines {eng:.2f} CPU-s per 1,000 rows)' if eng is not None else ''}. "
             f"Engines excluded: **{h['cpu_s_per_1k_rows_excl_engine']:.2f} CPU-s per 1,000 rows** (= cores per "
