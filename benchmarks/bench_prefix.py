@@ -110,10 +110,10 @@ def prepare(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> di
     )  # fmt: skip
     rows = shuffled.to_pylist()
     t0 = time.perf_counter()
-    texts = [builder.render_text(r) for r in rows]
+    texts = [builder.message_text(r) for r in rows]  # what order.order_keys keys on
     anchor = common_prefix_bytes(texts[:32])
     keys = [prefix_key(t, r["id"], anchor) for t, r in zip(texts, rows, strict=True)]
-    key_s = time.perf_counter() - t0  # what the order stage adds per row: render text + key
+    key_s = time.perf_counter() - t0  # what the order stage adds per row: message text + key
     t0 = time.perf_counter()
     rendered = []
     for r in rows:

@@ -158,8 +158,15 @@ class PromptBuilder:
 
     def apply_chat(self, user: str, system: str | None) -> str:
         if not self.config.chat:
-            return f"{system}\n\n{user}" if system else user
+            return plain_text(user, system)
         return apply_chat_template(self.tokenizer, user, system)
+
+    def message_text(self, row: Mapping[str, Any]) -> str:
+        """The row's system and user text, joined as `chat: false` joins them, without the chat template
+        (so without the tokenizer): what the order stage keys on. A chat template writes the same text
+        before, between and after every row's messages, so two rows' prompts share a prefix where
+        these texts do, give or take the template's fixed pieces."""
+        return plain_text(*self.render_parts(row))
 
     def encode(self, text: str) -> list[int]:
         # The chat template already wrote the BOS token where the model wants one.
@@ -181,6 +188,11 @@ class PromptBuilder:
         ids = self.encode(text)
         labels = self.label_token_ids(text) if self.config.task["type"] == "classify" else None
         return ids, labels
+
+
+def plain_text(user: str, system: str | None) -> str:
+    """A prompt without a chat template: the system text, a blank line, the user text."""
+    return f"{system}\n\n{user}" if system else user
 
 
 NO_TEMPLATE_HINT = "use /v1/completions"  # what an OpenAI-style caller can do instead

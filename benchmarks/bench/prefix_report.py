@@ -118,7 +118,7 @@ def markdown(d: dict[str, Any]) -> str:
         "",
         f"turbo / raw shuffled = **{bb.fmt(d['turbo_over_raw_shuffled'], 3)}**, turbo / raw grouped = "
         f"**{bb.fmt(d['turbo_over_raw_grouped'], 3)}** (issue 11's targets on the H200: ≥ 2.5 and ≥ 0.9).",
-        f"Order stage cost on this machine's CPU (one core): rendering the prompt text + key "
+        f"Order stage cost on this machine's CPU (one core): rendering the message text + key "
         f"{o['key_s_per_1k_rows']} s per 1,000 rows vs the render stage (text + token ids) "
         f"{o['render_s_per_1k_rows']} s; the key order puts each document's rows in one run "
         f"({o['doc_runs_in_key_order']} runs for {s['shape']['docs']} documents; anchor {o['anchor_bytes']} bytes).",

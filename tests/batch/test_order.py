@@ -125,11 +125,13 @@ def test_shared_prefix_on_token_ids():
 
 
 def test_order_keys_stage_on_a_block(monkeypatch):
-    monkeypatch.setattr(order, "load_tokenizer", lambda *a: None)  # chat: false needs no tokenizer
+    # The key stage must not load a tokenizer (transformers imports torch: ~5 CPU-s per worker process).
+    monkeypatch.setattr("turbo_batch.prompt.load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
     cfg = PromptConfig(
         task={"type": "generate"},
         text_columns=("doc", "question"),
         template="{{ doc }} {{ question }}",
+        system="Answer briefly.",
         chat=False,
     )
     block = pa.table(
@@ -140,12 +142,16 @@ def test_order_keys_stage_on_a_block(monkeypatch):
             "_input_error": pa.array([None, None, None, "BAD_INPUT_LINE:x"], pa.string()),
         }
     )
-    out = order_keys(block, cfg=cfg, tokenizer_path="unused", trust_remote_code=False)
+    out = order_keys(block, cfg=cfg)
     keys = out.column("order_key").to_pylist()
     assert out.column_names == [*block.column_names, "order_key"] and out.num_rows == 4
-    assert keys[0] == prefix_key("same doc a", 0) and keys[1] == prefix_key("same doc b", 1)
+    assert keys[0] == prefix_key("Answer briefly.\n\nsame doc a", 0)
+    assert keys[1] == prefix_key("Answer briefly.\n\nsame doc b", 1)
     assert keys[2] == order.error_key(2) and keys[3] == order.error_key(3)  # empty text, bad input line
-    grouped = order_keys(block, cfg=cfg, tokenizer_path="unused", trust_remote_code=False, group_by="doc")
+    # A chat job keys on the same message text: the chat template (and so the tokenizer) is not needed.
+    chat = PromptConfig(**{**cfg.__dict__, "chat": True})
+    assert order_keys(block, cfg=chat).column("order_key").to_pylist() == keys
+    grouped = order_keys(block, cfg=cfg, group_by="doc")
     g = grouped.column("order_key").to_pylist()
     assert g[0][:4] == g[1][:4] != g[2][:4] and g[3] == order.error_key(3)
 

@@ -1,13 +1,14 @@
 """The order stage: rows that share a prompt prefix travel together, across the whole input.
 
-    order_keys      map_batches UDF: each row's rendered prompt TEXT (Jinja + chat template; no tokenizer
-                    encode) → a bounded binary `order_key` column, or with `prompt.group_by` a hash of
+    order_keys      map_batches UDF: each row's message TEXT (the job's Jinja templates: system, then
+                    user; not the chat template, so no tokenizer and no transformers in a key task)
+                    → a bounded binary `order_key` column, or with `prompt.group_by` a hash of
                     that column's value. Rows whose prompts share a long prefix share the key's leading
                     bytes, so sorting by the key lays the rows out like a trie walk.
     add_order       ds.map_batches(order_keys).sort("order_key"): Ray Data's own distributed sort (it
                     spills to disk, so a 10M-row input needs bounded memory; the driver never holds keys).
     order_whole     the same keys and order inside one read task, for an input small enough to be one
-                    block (run.py): no shuffle tasks, no tokenizer on the driver.
+                    block (run.py): no shuffle tasks.
     shared_prefix   common prefix of two token-id prompts, for the driver's affinity dispatch.
 
 The key = LEVELS hashes of successive chunks of the prompt's UTF-8 bytes, 4 bytes each, then 8 bytes
@@ -19,6 +20,12 @@ ends before N, and after the common part, documents of D bytes split into one ru
 at least 1/8 of their offset past the anchor. The row_id tail makes the order total and the
 same on every run: resume and exactly-once (both by row_id) need nothing more. Rows that cannot be
 rendered get an all-zero prefix (they sort first) and become error rows in the render stage.
+
+Why message text and not the chat template's output: the template adds the same text around every
+row's messages, so it changes no grouping, while loading it means loading the model's tokenizer
+through transformers, which imports torch: ~5 CPU-s in every worker process that runs a key task. On
+a 32-core GPU host, Ray Data ran the key tasks in dozens of processes, and that import cost 742 CPU-s
+for a 15,000-row job (benchmarks/results/gpu_session_2026-11-30f.md).
 
 This module owns the key format and the stage. It must not tokenize, talk to engines, or change a
 row's columns other than adding `order_key` (the render stage does not pass that column on).
@@ -34,7 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from turbo_batch.prompt import PromptBuilder, PromptConfig, load_tokenizer
+from turbo_batch.prompt import PromptBuilder, PromptConfig
 
 KEY_COLUMN = "order_key"
 HASH_BYTES = 4
@@ -131,14 +138,14 @@ def shared_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) 
 # ------------------------------------------------------------------------------------------- the stage
 
 
-_BUILDERS: dict[tuple, PromptBuilder] = {}
+_BUILDERS: dict[str, PromptBuilder] = {}
 
 
-def _builder(cfg: PromptConfig, tokenizer_path: str, trust_remote_code: bool) -> PromptBuilder:
-    """One builder per worker process and job (the tokenizer, for its chat template, loads once)."""
-    key = (repr(cfg), tokenizer_path, trust_remote_code)
+def _builder(cfg: PromptConfig) -> PromptBuilder:
+    """One builder per worker process and job, without a tokenizer (its templates compile once)."""
+    key = repr(cfg)
     if key not in _BUILDERS:
-        _BUILDERS[key] = PromptBuilder(cfg, load_tokenizer(tokenizer_path, trust_remote_code))
+        _BUILDERS[key] = PromptBuilder(cfg, None)
     return _BUILDERS[key]
 
 
@@ -146,8 +153,6 @@ def order_keys(
     block: pa.Table,
     *,
     cfg: PromptConfig,
-    tokenizer_path: str,
-    trust_remote_code: bool,
     group_by: str | None = None,
     anchor: int = 0,
 ) -> pa.Table:
@@ -158,7 +163,7 @@ def order_keys(
         values = block.column(group_by).to_pylist()
         keys = [error_key(i) if e else group_key(v, i) for i, v, e in zip(ids, values, bad, strict=True)]
         return block.append_column(KEY_COLUMN, pa.array(keys, pa.binary()))
-    builder = _builder(cfg, tokenizer_path, trust_remote_code)
+    builder = _builder(cfg)
     # Text columns go through bytes so invalid UTF-8 is caught per row (as the render stage does).
     for col in cfg.text_columns:
         if col in block.column_names and pa.types.is_string(block.schema.field(col).type):
@@ -170,10 +175,8 @@ def order_keys(
             keys.append(error_key(row_id))
             continue
         try:
-            keys.append(prefix_key(builder.render_text(row), row_id, anchor))
-        except (
-            Exception
-        ):  # RowProblem or a chat-template failure: the render stage turns it into an error row with its code
+            keys.append(prefix_key(builder.message_text(row), row_id, anchor))
+        except Exception:  # a RowProblem: the render stage turns it into an error row with its code
             keys.append(error_key(row_id))
     return block.append_column(KEY_COLUMN, pa.array(keys, pa.binary()))
 
@@ -187,18 +190,14 @@ def order_mode(job: Any) -> str:
 
 
 def find_anchor(job: Any, sample: pa.Table) -> int:
-    """The common prefix (bytes) of the rendered prompts of up to SAMPLE_ROWS rows spread over `sample`
+    """The common prefix (bytes) of the message texts of up to SAMPLE_ROWS rows spread over `sample`
     (the input's first block: the same on every run, resumed or not, so keys stay deterministic)."""
-    cfg = PromptConfig.from_job(job)
-    try:
-        builder = _builder(cfg, job.model.tokenizer or job.model.path, job.model.trust_remote_code)
-    except Exception:  # no usable tokenizer: the engine's start reports the model (exit 4); no anchor
-        return 0
+    builder = _builder(PromptConfig.from_job(job))
     step = max(1, sample.num_rows // SAMPLE_ROWS)
     texts = []
     for i in range(0, min(sample.num_rows, step * SAMPLE_ROWS), step):
         try:  # row by row: a cell with invalid UTF-8 (an INVALID_UTF8 row later) must not stop the job
-            texts.append(builder.render_text(sample.slice(i, 1).to_pylist()[0]))
+            texts.append(builder.message_text(sample.slice(i, 1).to_pylist()[0]))
         except Exception:  # an unrenderable sample row says nothing about the others
             continue
     return common_prefix_bytes(texts)
@@ -207,8 +206,6 @@ def find_anchor(job: Any, sample: pa.Table) -> int:
 def _stage_kwargs(job: Any, anchor: int) -> dict[str, Any]:
     return {
         "cfg": PromptConfig.from_job(job),
-        "tokenizer_path": job.model.tokenizer or job.model.path,
-        "trust_remote_code": job.model.trust_remote_code,
         "group_by": getattr(job.prompt, "group_by", None),
         "anchor": anchor,
     }
@@ -217,7 +214,7 @@ def _stage_kwargs(job: Any, anchor: int) -> dict[str, Any]:
 def order_whole(table: pa.Table, *, job: Any, sample: pa.Table | None) -> pa.Table:
     """The order stage for an input one task holds whole (run.py's small inputs): the same keys and
     the same order as add_order's distributed sort, without its shuffle tasks; the anchor is found
-    here, in the task, so the driver never loads the tokenizer."""
+    here, in the task."""
     group_by = getattr(job.prompt, "group_by", None)
     anchor = find_anchor(job, sample) if sample is not None and not group_by else 0
     return order_keys(table, **_stage_kwargs(job, anchor)).sort_by(KEY_COLUMN)
