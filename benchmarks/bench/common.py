@@ -196,17 +196,15 @@ LABEL_FILL = ["policy", "and", "regional", "development", "affairs", "news", "re
 
 def make_labels(tokenizer: Any, n: int, target_tokens: int) -> list[str]:
     """n labels of about target_tokens tokens each (as the model writes them after the prompt): the
-    shortest prefix of "<topic> <filler words>" that reaches that many tokens."""
+    shortest run of whole words of "<topic> <filler words>" that reaches that many tokens. Whole
+    words: a label cut mid-word ("... and regi") is not one a model would write."""
     out = []
     for head in LABEL_HEADS[:n]:
-        full = " ".join([head, *LABEL_FILL])
-        label = full
-        for end in range(1, len(full) + 1):
-            if (
-                full[end - 1] != " "
-                and len(tokenizer.encode(full[:end], add_special_tokens=False)) >= target_tokens
-            ):
-                label = full[:end]
+        words = [head, *LABEL_FILL]
+        label = " ".join(words)
+        for k in range(1, len(words) + 1):
+            if len(tokenizer.encode(" ".join(words[:k]), add_special_tokens=False)) >= target_tokens:
+                label = " ".join(words[:k])
                 break
         out.append(label)
     return out

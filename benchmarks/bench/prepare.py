@@ -183,8 +183,11 @@ def prepare(
     if kind == "labels":
         counts = label_token_counts(tokenizer, labels)
         plan["label_tokens"] = counts
-        # DESIGN §3: guided choice needs max_tokens = the longest label in tokens + 1.
-        plan["guided_sampling"] = {"max_tokens": max(counts) + 1, "temperature": 0.0,
+        # Guided choice must be able to finish every label. DESIGN §3 says the longest label in tokens
+        # + 1, but under the choice grammar a model may spell a label in more tokens than its own
+        # tokenization (SmolLM2: 12-15 tokens for a 6-token label, so every row hit a budget of 7;
+        # gpu_session_2026-11-30f.md). Characters + 1 bounds any spelling of an ASCII label + the end.
+        plan["guided_sampling"] = {"max_tokens": max(len(lab) for lab in labels) + 1, "temperature": 0.0,
                                    "structured_outputs": {"choice": labels}}  # fmt: skip
     (workdir / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
     return plan

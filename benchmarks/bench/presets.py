@@ -76,7 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "Answer with the label only.", "variants": ["raw", "turbo"]},
     # The same against a trained model (SmolLM2-135M-Instruct, carried to the GPU by stage_smollm2.sh):
     # a random model under guided choice rarely finishes a label, which voids that comparison.
-    "gpu-20labels-smollm2": {**_GPU, "model": "smollm2", "kind": "labels", "rows": 20000, "warmup_rows": 64,
+    "gpu-20labels-smollm2": {**_GPU, "model": "smollm2", "kind": "labels", "rows": 15000, "warmup_rows": 64,
                              "prompt_tokens": 1160, "n_labels": 20, "label_tokens": 6, "system": _LABELS_SYSTEM,
                              "variants": ["raw", "raw_guided", "turbo", "ray_data_llm"]},
     "cpu-gen-200": {**_CPU_TINY, "kind": "generate", "rows": 64, "warmup_rows": 4, "prompt_tokens": 256,

@@ -3,7 +3,7 @@
 Presets whose engine args are equal share one engine (one start instead of one per preset); the
 prefix cache is reset before every timed call, so no workload reuses another's (or its own warm-up's)
 cached blocks. Modes: raw (one pass for classify, the job's sampling for generate) and raw_guided
-(guided choice over the labels, max_tokens = longest label + 1).
+(guided choice over the labels, max_tokens = longest label in characters + 1: any spelling fits).
 
 child_prefix_raw is bench_prefix.py's raw child: one engine, alternating shuffled / grouped calls."""
 

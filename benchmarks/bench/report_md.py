@@ -48,7 +48,7 @@ def _sampling(d: dict[str, Any]) -> list[str]:
     if p.get("guided_sampling"):
         g = p["guided_sampling"]
         out.append(f"- Guided choice (raw_guided, ray_data_llm): StructuredOutputsParams(choice=labels), "
-                   f"max_tokens={g['max_tokens']} (longest label + 1, DESIGN §3), temperature=0.")  # fmt: skip
+                   f"max_tokens={g['max_tokens']} (longest label in characters + 1), temperature=0.")  # fmt: skip
     return out
 
 
