@@ -172,3 +172,35 @@ def test_host_cpu_follows_a_real_process_tree():
     assert got["by_role"].get("driver", 0) < 0.2, got
     assert {"ray::Engine.run_rows", "ray::MapBatches(render)"} <= set(got["by_title"]), got
     assert m.between(t1 + 1, t1 + 10)["by_role"] == {}
+
+
+def test_widehost_finds_the_processes_that_loaded_the_tokenizer():
+    """bench_widehost.py's count: a Ray-titled process that imported `tokenizers` is found and counted
+    as having it loaded; one that did not is found and not counted."""
+    import os
+    import shlex
+    import subprocess
+    import time
+
+    from bench_widehost import ray_workers, tokenizer_loaded
+
+    py = shlex.quote(str(Path(sys.executable).resolve()))
+    ready = "import sys; sys.stdout.write('ok'); sys.stdout.flush(); sys.stdin.read()"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the base binary, this venv's packages
+    procs = [
+        subprocess.Popen(["bash", "-c", f'exec -a "ray::MapBatches(render)" {py} -c "{imp}{ready}"'],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        for imp in ("import tokenizers; ", "")
+    ]  # fmt: skip
+    try:
+        for p in procs:
+            assert p.stdout.read(2) == b"ok"  # imported and waiting
+        with_tok, without = (p.pid for p in procs)
+        assert {with_tok, without} <= set(ray_workers())
+        assert tokenizer_loaded(with_tok) and not tokenizer_loaded(without)
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(timeout=10)
+    time.sleep(0.1)
+    assert not tokenizer_loaded(with_tok)  # gone: no maps to read
