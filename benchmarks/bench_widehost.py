@@ -6,8 +6,8 @@ on the cpu-tiny-1k rows (~1K-token rows, the tiny random Gemma 4; `bench_batch.p
 them) with `cluster.num_cpus` = --cpus, once per `--code LABEL=DIR` (a checkout: its turbo_batch is
 what the job's processes import, so two commits compare side by side in one run), and records:
 - host CPU by role and process title over the whole job (bench/hostcpu.py);
-- the Ray worker processes that loaded the `tokenizers` library (transformers' tokenizer: ~5 CPU-s
-  each here, torch included);
+- the Ray worker processes of the job, and those that loaded the `tokenizers` library (transformers'
+  tokenizer: ~5 CPU-s each here, torch included; the engine actor is one, as vLLM needs it);
 - rows/s, engine start, and whether the labels equal the first variant's, row by row.
 Writes hostcpu_wide_cpu.{json,md}. Owns nothing of turbo_batch; it must not change a job's settings
 other than num_cpus and the output dir.
@@ -41,17 +41,25 @@ def tokenizer_loaded(pid: int) -> bool:
         return False
 
 
-def ray_workers() -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmd.startswith(b"ray::") or b"default_worker.py" in cmd:
-                out.append(int(d.name))
-    return out
+def is_ray_worker(title: str) -> bool:
+    """A Ray worker process: titled `ray::<task or actor>`, or not yet titled (`default_worker.py`)."""
+    return title.startswith("ray::") or "default_worker.py" in title
+
+
+class TokenizerWatch:
+    """HostCpu's on_sample hook: the Ray workers seen in the job's process tree, and those of them that
+    had the tokenizer loaded when seen (the engine actor among them: vLLM's front needs it)."""
+
+    def __init__(self) -> None:
+        self.workers: set[int] = set()
+        self.with_tokenizer: set[int] = set()
+
+    def __call__(self, tree: dict[int, tuple[float, str]]) -> None:
+        for pid, (_, title) in tree.items():
+            if is_ray_worker(title):
+                self.workers.add(pid)
+                if pid not in self.with_tokenizer and tokenizer_loaded(pid):
+                    self.with_tokenizer.add(pid)
 
 
 def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) -> dict:
@@ -62,17 +70,13 @@ def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) ->
     cmd = [sys.executable, "-m", "turbo_batch.cli", "run", str(path), "--restart"]
     t0 = time.time()
     p = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    meter = HostCpu(p.pid).start()
-    workers, with_tok = set(), set()
-    while p.poll() is None and time.time() - t0 < timeout:
-        for pid in ray_workers():
-            workers.add(pid)
-            if pid not in with_tok and tokenizer_loaded(pid):
-                with_tok.add(pid)
-        time.sleep(0.5)
-    if p.poll() is None:
+    watch = TokenizerWatch()
+    meter = HostCpu(p.pid, on_sample=watch).start()
+    try:
+        log, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
         p.kill()
-    log = p.stdout.read() if p.stdout else ""
+        log, _ = p.communicate()
     t1 = time.time()
     meter.stop()
     (workdir / f"run-{label}.log").write_text(log)
@@ -87,8 +91,8 @@ def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) ->
         "wall_s": round(t1 - t0, 1),
         "rows_per_s": summary.get("rows_per_s"),
         "engine_start_s": summary.get("engine_start_s"),
-        "ray_workers_seen": len(workers),
-        "workers_with_tokenizer": len(with_tok),
+        "ray_workers_seen": len(watch.workers),
+        "workers_with_tokenizer": len(watch.with_tokenizer),
         "host_cpu": cpu,
     }
 
@@ -166,6 +170,7 @@ def main() -> None:
         "note": args.note,
     }
     out = Path(args.results_dir) / "hostcpu_wide_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(data))
     print(markdown(data))

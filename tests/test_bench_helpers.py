@@ -175,32 +175,30 @@ def test_host_cpu_follows_a_real_process_tree():
 
 
 def test_widehost_finds_the_processes_that_loaded_the_tokenizer():
-    """bench_widehost.py's count: a Ray-titled process that imported `tokenizers` is found and counted
-    as having it loaded; one that did not is found and not counted."""
+    """bench_widehost.py's count, through HostCpu's poll of a real tree: of two Ray-titled children,
+    the one that imported `tokenizers` is counted as having it loaded, the other only as a worker;
+    the bash parent is neither."""
     import os
     import shlex
     import subprocess
-    import time
 
-    from bench_widehost import ray_workers, tokenizer_loaded
+    from bench.hostcpu import HostCpu
+    from bench_widehost import TokenizerWatch, tokenizer_loaded
 
     py = shlex.quote(str(Path(sys.executable).resolve()))
     ready = "import sys; sys.stdout.write('ok'); sys.stdout.flush(); sys.stdin.read()"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the base binary, this venv's packages
-    procs = [
-        subprocess.Popen(["bash", "-c", f'exec -a "ray::MapBatches(render)" {py} -c "{imp}{ready}"'],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        for imp in ("import tokenizers; ", "")
-    ]  # fmt: skip
+    script = " & ".join(f'(exec -a "ray::MapBatches(render)" {py} -c "{imp}{ready}")'
+                        for imp in ("import tokenizers; ", "")) + " & wait"  # fmt: skip
+    p = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    watch = TokenizerWatch()
+    meter = HostCpu(p.pid, every=3600, on_sample=watch)  # polled by hand below
     try:
-        for p in procs:
-            assert p.stdout.read(2) == b"ok"  # imported and waiting
-        with_tok, without = (p.pid for p in procs)
-        assert {with_tok, without} <= set(ray_workers())
-        assert tokenizer_loaded(with_tok) and not tokenizer_loaded(without)
+        assert p.stdout.read(4) == b"okok"  # both imported and waiting
+        meter.sample()
     finally:
-        for p in procs:
-            p.stdin.close()
-            p.wait(timeout=10)
-    time.sleep(0.1)
-    assert not tokenizer_loaded(with_tok)  # gone: no maps to read
+        p.stdin.close()
+        p.wait(timeout=10)
+    assert len(watch.workers) == 2 and p.pid not in watch.workers
+    assert len(watch.with_tokenizer) == 1 and watch.with_tokenizer <= watch.workers
+    assert not tokenizer_loaded(next(iter(watch.with_tokenizer)))  # gone: no maps to read

@@ -22,10 +22,12 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from pyspy import stat_cpu_s  # benchmarks/pyspy.py (benchmarks/ is on sys.path wherever bench is)
 
+Tree = dict[int, tuple[float, str]]  # pid → (CPU seconds so far, title), for the processes under the root
 ENGINE_MARKS = ("ray::Engine", "VLLM::", "EngineCore", "ServeReplica", "EngineReplica")
 
 
@@ -67,8 +69,9 @@ def short_title(title: str) -> str:
 
 
 class HostCpu:
-    def __init__(self, root_pid: int, every: float = 0.25):
-        self.root, self.every = root_pid, every
+    def __init__(self, root_pid: int, every: float = 0.25, on_sample: Callable[[Tree], None] | None = None):
+        """`on_sample(tree)`, if given, sees each poll's {pid: (cpu s, title)} (from the polling thread)."""
+        self.root, self.every, self.on_sample = root_pid, every, on_sample
         self.samples: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hostcpu", daemon=True)
@@ -81,7 +84,7 @@ class HostCpu:
         self._stop.set()
         self._thread.join()
 
-    def _tree(self) -> dict[int, tuple[float, str]]:
+    def _tree(self) -> Tree:
         procs = {}
         for name in os.listdir("/proc"):
             if name.isdigit() and (p := _proc(int(name))):
@@ -98,9 +101,11 @@ class HostCpu:
         return out
 
     def sample(self) -> None:
-        now = time.time()
-        for pid, (cpu, title) in self._tree().items():
+        now, tree = time.time(), self._tree()
+        for pid, (cpu, title) in tree.items():
             self.samples[pid].append((now, cpu, title))
+        if self.on_sample is not None:
+            self.on_sample(tree)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
