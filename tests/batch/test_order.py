@@ -10,6 +10,7 @@ affinity dispatch keeps a prefix group on one engine while it has room.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -149,8 +150,7 @@ def test_order_keys_stage_on_a_block(monkeypatch):
     assert keys[1] == prefix_key("Answer briefly.\n\nsame doc b", 1)
     assert keys[2] == order.error_key(2) and keys[3] == order.error_key(3)  # empty text, bad input line
     # A chat job keys on the same message text: the chat template (and so the tokenizer) is not needed.
-    chat = PromptConfig(**{**cfg.__dict__, "chat": True})
-    assert order_keys(block, cfg=chat).column("order_key").to_pylist() == keys
+    assert order_keys(block, cfg=dataclasses.replace(cfg, chat=True)).column("order_key").to_pylist() == keys
     grouped = order_keys(block, cfg=cfg, group_by="doc")
     g = grouped.column("order_key").to_pylist()
     assert g[0][:4] == g[1][:4] != g[2][:4] and g[3] == order.error_key(3)
