@@ -17,7 +17,9 @@ with the same engine arguments (`profiles.engine_args` of the job's model sectio
 
 Runs alternate (turbo, raw pairs, turbo, ray_data_llm, turbo, ...); medians are reported. With
 --budget-s a run that would not finish in the time left is skipped (recorded as skipped), so the GPU
-session ends with a results file. Writes benchmarks/results/prefix_<preset>.{json,md}.
+session ends with a results file. --sequence gives the runs of this process in order instead (e.g.
+"raw,turbo": a GPU half whose later run may be cut), --raw-runs raw's calls in its one engine (e.g.
+"shuffled,grouped,grouped": the slow shuffled call once, the grouped ones to a median). Writes benchmarks/results/prefix_<preset>.{json,md}.
 
     python benchmarks/bench_prefix.py --preset cpu-smollm2
     python benchmarks/bench_prefix.py --preset gpu-gemma4 --results-dir $OUT --budget-s 500   # H200
@@ -210,6 +212,8 @@ def run_child(
 ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--preset", args.preset, "--workdir", str(workdir), "--child", what,
            "--tok", args.tok, "--repeat", str(args.repeat or PRESETS[args.preset]["repeat"])]  # fmt: skip
+    if args.raw_runs:
+        cmd += ["--raw-runs", args.raw_runs]
     if deadline:
         cmd += ["--deadline", str(deadline)]
     if args.model_dir:
@@ -224,6 +228,24 @@ def run_child(
     if p.returncode != 0 or not found:
         raise RuntimeError(f"{what} exited {p.returncode}; see {logf}:\n" + bb.tail(logf))
     return found[-1]
+
+
+def raw_calls(repeat: int, raw_runs: str | None) -> list[str]:
+    """The raw child's generate calls in order: `raw_runs` ("shuffled,grouped,..."), else `repeat` pairs."""
+    calls = [c.strip() for c in raw_runs.split(",")] if raw_runs else ["shuffled", "grouped"] * repeat
+    bad = [c for c in calls if c not in ("shuffled", "grouped")]
+    if bad or not calls:
+        raise SystemExit(f"--raw-runs: shuffled or grouped, comma-separated (got {raw_runs!r})")
+    return calls
+
+
+def sequence(text: str) -> list[str]:
+    """--sequence: this process's runs in the order given (a variant may repeat)."""
+    runs = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in runs if v not in ("turbo", "raw", "ray_data_llm")]
+    if bad or not runs:
+        raise SystemExit(f"--sequence: turbo, raw or ray_data_llm, comma-separated (got {text!r})")
+    return runs
 
 
 def schedule(repeat: int, rdl_repeat: int) -> list[str]:
@@ -253,6 +275,10 @@ def main() -> None:
         default="turbo,raw,ray_data_llm",
         help="which to run (one half per GPU of a pair: the same rows, seeds and engine args)",
     )
+    ap.add_argument(
+        "--sequence", default=None, help="this process's runs in order, e.g. raw,turbo (not --variants)"
+    )
+    ap.add_argument("--raw-runs", default=None, help="raw's calls in order, e.g. shuffled,grouped,grouped")
     ap.add_argument("--workdir", default=None, help="scratch dir (default: out/bench_prefix/<preset>)")
     ap.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tok", default=str(REPO / "benchmarks" / "tok"), help="gpu-gemma4: tokenizer files")
@@ -274,7 +300,7 @@ def main() -> None:
     workdir = Path(args.workdir or REPO / "out" / "bench_prefix" / args.preset).resolve()
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     if args.child:
-        {"probe": lambda: child_probe(workdir, args), "raw": lambda: child_prefix_raw(workdir, args.repeat or 1, args.deadline),
+        {"probe": lambda: child_probe(workdir, args), "raw": lambda: child_prefix_raw(workdir, raw_calls(args.repeat or 1, args.raw_runs), args.deadline),
          "ray_data_llm": lambda: child_rdl(workdir)}[args.child]()  # fmt: skip
         return
 
@@ -287,7 +313,12 @@ def main() -> None:
     info = run_child(workdir, "probe", args, args.timeout)
     plan = prepare(args, workdir, info)
     bb.log(f"{plan['rows']} rows, prompt tokens {plan['prompt_tokens']}, order stage {plan['order_stage']}")
-    order = [v for v in schedule(plan["repeat"], plan["rdl_repeat"]) if v in args.variants.split(",")]
+    raw_calls(1, args.raw_runs)  # a bad --raw-runs fails here, before any engine starts
+    plan.update(sequence=args.sequence, raw_runs=args.raw_runs)
+    if args.sequence:
+        order = sequence(args.sequence)
+    else:
+        order = [v for v in schedule(plan["repeat"], plan["rdl_repeat"]) if v in args.variants.split(",")]
     if args.dry_run:
         from turbo_batch.batch.plan import preflight
         from turbo_batch.spec import load_job

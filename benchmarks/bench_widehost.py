@@ -8,8 +8,10 @@ what the job's processes import, so two commits compare side by side in one run)
 - host CPU by role and process title over the whole job (bench/hostcpu.py);
 - the Ray worker processes of the job, and those that loaded the `tokenizers` library (transformers'
   tokenizer: ~5 CPU-s each here, torch included; the engine actor is one, as vLLM needs it);
+- the same in the timed window (engines ready → last commit, as bench/turbo.py), with the most Ray
+  workers alive in it at once (idle ones included: each costs CPU while the engines work);
 - rows/s, engine start, and whether the labels equal the first variant's, row by row.
-Writes hostcpu_wide_cpu.{json,md}. Owns nothing of turbo_batch; it must not change a job's settings
+Writes hostcpu_wide_cpu.{json,md} (--name: another). Owns nothing of turbo_batch; it must not change a job's settings
 other than num_cpus and the output dir.
 """
 
@@ -53,13 +55,20 @@ class TokenizerWatch:
     def __init__(self) -> None:
         self.workers: set[int] = set()
         self.with_tokenizer: set[int] = set()
+        self.alive: list[tuple[float, int]] = []  # (time, Ray workers in the tree) per poll
 
     def __call__(self, tree: dict[int, tuple[float, str]]) -> None:
+        now, n = time.time(), 0
         for pid, (_, title) in tree.items():
             if is_ray_worker(title):
+                n += 1
                 self.workers.add(pid)
                 if pid not in self.with_tokenizer and tokenizer_loaded(pid):
                     self.with_tokenizer.add(pid)
+        self.alive.append((now, n))
+
+    def most_alive(self, t0: float, t1: float) -> int:
+        return max((n for t, n in self.alive if t0 <= t <= t1), default=0)
 
 
 def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) -> dict:
@@ -82,8 +91,14 @@ def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) ->
     (workdir / f"run-{label}.log").write_text(log)
     if p.returncode != 0:
         raise SystemExit(f"{label}: turbo-batch run failed ({p.returncode}); see {workdir}/run-{label}.log")
-    summary = json.loads((workdir / f"out-{label}" / "_summary.json").read_text())
+    out_dir = workdir / f"out-{label}"
+    summary = json.loads((out_dir / "_summary.json").read_text())
     cpu = meter.between(t0, t1)
+    # the timed window as bench/turbo.py takes it: engines ready → last commit (the manifest's last write)
+    last_commit = (out_dir / "_manifest.jsonl").stat().st_mtime
+    w0, rows = last_commit - summary["wall_s"], summary["rows_this_run"]
+    window = meter.between(w0, last_commit)
+    not_engine = sum(v for k, v in window["by_role"].items() if k != "engine")
     return {
         "label": label,
         "code": str(code),
@@ -94,6 +109,12 @@ def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) ->
         "ray_workers_seen": len(watch.workers),
         "workers_with_tokenizer": len(watch.with_tokenizer),
         "host_cpu": cpu,
+        "window": {
+            **window,
+            "window_s": summary["wall_s"],
+            "ray_workers_alive_max": watch.most_alive(w0, last_commit),
+            "cpu_s_per_1k_rows_excl_engine": round(1000 * not_engine / rows, 3),
+        },
     }
 
 
@@ -127,6 +148,24 @@ def markdown(d: dict) -> str:
             f"| {r['label']} | {r['git']} | {r['rows_per_s']} | {r['engine_start_s']} | {r['ray_workers_seen']} "
             f"| {r['workers_with_tokenizer']} | {roles} | {top} |"
         )
+    lines += [
+        "",
+        "In the timed window (engines ready → last commit; bench/turbo.py's window):",
+        "",
+        "| code | window s | Ray workers alive (most) | CPU-s per 1,000 rows, engines excluded | CPU-s by role |"
+        " top titles, CPU-s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in d["runs"]:
+        w = r.get("window")
+        if not w:
+            continue
+        roles = ", ".join(f"{k} {v}" for k, v in sorted(w["by_role"].items()))
+        top = ", ".join(f"`{k}` {v}" for k, v in sorted(w["by_title"].items(), key=lambda kv: -kv[1])[:5])
+        lines.append(
+            f"| {r['label']} | {w['window_s']} | {w['ray_workers_alive_max']} "
+            f"| {w['cpu_s_per_1k_rows_excl_engine']} | {roles} | {top} |"
+        )
     lines += ["", f"Labels equal to the first variant's, row by row: {d['labels_equal']}."]
     if d.get("note"):
         lines += ["", d["note"]]
@@ -142,6 +181,7 @@ def main() -> None:
     ap.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--note", default=None)
+    ap.add_argument("--name", default="hostcpu_wide_cpu", help="results file name, without .json/.md")
     ap.add_argument("--dry-run", action="store_true", help="build the rows and job only")
     args = ap.parse_args()
     codes = [c.split("=", 1) for c in (args.code or [f"this={REPO}"])]
@@ -169,7 +209,7 @@ def main() -> None:
         "labels_equal": equal,
         "note": args.note,
     }
-    out = Path(args.results_dir) / "hostcpu_wide_cpu.json"
+    out = Path(args.results_dir) / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(data))

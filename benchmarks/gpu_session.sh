@@ -26,6 +26,7 @@ export BENCH_STANDIN=${STANDIN:-1.2b}
 BB_MODEL=${BB_MODEL:-/root/bb-model-$(basename "$TOK")$([ "$BENCH_STANDIN" = 1.2b ] || echo "-$BENCH_STANDIN")}
 GEN_ROWS=${GEN_ROWS:-}  # batch-all gen: rows per preset (default: the presets' 1,200 / 4,000)
 LABEL_ROWS=${LABEL_ROWS:-}  # batch-all labels: rows (default: the preset's 3,600)
+LABEL_VARIANTS=${LABEL_VARIANTS:-}  # batch-all labels*: e.g. turbo,ray_data_llm (default: the preset's four)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
   checks)
@@ -79,8 +80,9 @@ case "${1:-}" in
         gen) p=gpu-gen-200,gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;  # also writes generate_gpu.json
         gen200) p=gpu-gen-200; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
         gen10) p=gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
-        labels) p=gpu-20labels; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS}) ;;
-        labels-smollm2) p=gpu-20labels-smollm2; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS})  # after `smollm2`
+        labels) p=gpu-20labels; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS} ${LABEL_VARIANTS:+--variants $LABEL_VARIANTS}) ;;
+        labels-smollm2) p=gpu-20labels-smollm2  # after `smollm2`
+          extra=(${LABEL_ROWS:+--rows $LABEL_ROWS} ${LABEL_VARIANTS:+--variants $LABEL_VARIANTS})
           export TURBO_BATCH_CACHE=/root/tbcache ;;
         *) echo "batch-all parts: unique gen gen200 gen10 labels labels-smollm2" >&2; exit 2 ;;
       esac

@@ -59,6 +59,22 @@ def test_thread_cpu_names_the_busy_thread():
     assert list(thread_cpu_delta({"a": 1.0, "b": 1.0}, {"a": 1.5, "b": 3.0, "c": 0.0})) == ["b", "a"]
 
 
+def test_prefix_run_sequence_and_raw_calls():
+    """bench_prefix --sequence / --raw-runs: a GPU half's runs in the order given; anything else is refused
+    before an engine starts."""
+    import pytest
+    from bench_prefix import raw_calls, sequence
+
+    assert raw_calls(2, None) == ["shuffled", "grouped", "shuffled", "grouped"]
+    assert raw_calls(3, "shuffled, grouped,grouped") == ["shuffled", "grouped", "grouped"]
+    assert sequence("raw,turbo,turbo") == ["raw", "turbo", "turbo"]
+    for bad in ("shuffled,sorted", " , "):
+        with pytest.raises(SystemExit, match="--raw-runs"):
+            raw_calls(1, bad)
+    with pytest.raises(SystemExit, match="--sequence"):
+        sequence("raw,vllm")
+
+
 def test_prefix_pair_halves_merge_into_one_result():
     """bench_prefix --merge: a pair run's halves (raw on one GPU, turbo on the other) give the medians of
     the whole run; halves with different settings are refused."""

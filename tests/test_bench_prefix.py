@@ -51,10 +51,12 @@ def test_gpu_dry_run_with_the_9b_stand_in_and_a_larger_kv_cache(tmp_path):
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_prefix.py"), "--preset", "gpu-gemma4", "--docs", "4",
          "--kv-gib", "16", "--dry-run", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r"),
-         "--model-dir", str(tmp_path / "m"), "--tok", str(REPO / "benchmarks" / "tok")],
+         "--model-dir", str(tmp_path / "m"), "--tok", str(REPO / "benchmarks" / "tok"),
+         "--sequence", "raw,turbo", "--raw-runs", "shuffled,grouped,grouped"],
         capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "BENCH_STANDIN": "9b"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "runs that would run: raw, turbo" in r.stdout
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == (40, 3840, 8)
     plan = json.loads((tmp_path / "w" / "plan.json").read_text())

@@ -17,6 +17,14 @@ from turbo_batch.errors import JobError
 # no FlashInfer sampler (not present everywhere; vLLM would import it for sampling).
 ENGINE_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
 
+# A private local Ray keeps at most this many IDLE worker processes (Ray's own default: one per CPU).
+# Ray Data's read, key and sort tasks fan out to one worker per CPU before the engines are ready; left
+# idle, each of those processes still burns ~0.4% of a core (its core worker's threads), which on the
+# 32-core H200 host was the largest non-engine cost in the timed window (bench_widehost.py measures it).
+# Busy workers are not limited; an idle one beyond this is ended after 1 s. RAY_num_workers_soft_limit
+# in the environment overrides it.
+IDLE_WORKERS = 4
+
 
 def connect_ray(address: str, *, num_cpus: int | None = None) -> bool:
     """Start a private local Ray (`address="local"`) or join a running cluster (`auto`, host:port,
@@ -32,6 +40,8 @@ def connect_ray(address: str, *, num_cpus: int | None = None) -> bool:
         "log_to_driver": bool(os.environ.get("TURBO_BATCH_VERBOSE")),
     }
     if address == "local":  # always a private Ray, even when `ray start` runs on this machine
+        if "RAY_num_workers_soft_limit" not in os.environ:
+            kw["_system_config"] = {"num_workers_soft_limit": IDLE_WORKERS}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kw)
         return True
     if "RAY_AUTH_MODE" not in os.environ:  # Ray 2.60 sends ~/.ray/auth_token to an explicit address

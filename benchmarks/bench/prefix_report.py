@@ -12,7 +12,7 @@ from typing import Any
 from . import common as bb
 
 SETTINGS = ("shape", "rows", "total_prompt_tokens", "prompt_tokens", "labels", "engine_args", "order_stage",
-            "rdl", "repeat", "rdl_repeat", "job", "standin", "model")  # fmt: skip
+            "rdl", "repeat", "rdl_repeat", "sequence", "raw_runs", "job", "standin", "model")  # fmt: skip
 
 
 def _median(runs: list[dict[str, Any]], variant: str) -> float | None:
@@ -71,6 +71,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
     data["note"] = " ".join(filter(None, [d.get("note") for d in parts])) or None
     data["pair"] = [sorted({r["variant"] for r in d["runs"]}) for d in parts]
+    for k in ("sequence", "raw_runs"):  # per half, as each was run
+        data["settings"][k] = [d["settings"].get(k) for d in parts]
     return data
 
 

@@ -118,8 +118,9 @@ def child_raw(workdirs: dict[str, Path]) -> None:
             _reset_cache(llm)
 
 
-def child_prefix_raw(workdir: Path, repeat: int, deadline: float | None = None) -> None:
-    """One engine: warm-up, then `repeat` alternating (shuffled, grouped) generate calls, cache reset each.
+def child_prefix_raw(workdir: Path, calls: list[str], deadline: float | None = None) -> None:
+    """One engine: warm-up, then one generate call per entry of `calls` ("shuffled" or "grouped", in that
+    order; bench_prefix.raw_calls), the prefix cache reset before each.
     A call that would end past `deadline` (epoch seconds; its length guessed from its last run) is skipped,
     so a budget-cut child still reports the runs it made."""
     from vllm import LLM, SamplingParams
@@ -143,29 +144,30 @@ def child_prefix_raw(workdir: Path, repeat: int, deadline: float | None = None) 
     runs: list[dict[str, Any]] = []
     last: dict[str, float] = {}
     skipped: list[str] = []
-    for i in range(repeat):
-        for name, rows in sets.items():
-            if deadline and name in last and time.time() + last[name] > deadline:
-                skipped.append(f"raw_{name} (run {i + 1})")
-                log(f"raw_{name} run {i + 1}: skipped, it would end past the budget")
-                continue
-            llm.reset_prefix_cache()
-            prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in rows]
-            t1 = time.perf_counter()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
-            dt = time.perf_counter() - t1
-            last[name] = dt
-            cached = sum(o.num_cached_tokens or 0 for o in outs)
-            total = sum(len(o.prompt_token_ids) for o in outs)
-            runs.append({"variant": f"raw_{name}", "run": i + 1, "rows": len(rows), "timed_s": dt,
-                         "rows_per_s": len(rows) / dt, "prefix_cache_hit_pct": round(100 * cached / total, 2)})  # fmt: skip
-            log(
-                f"raw_{name} run {i + 1}: {len(rows) / dt:.2f} rows/s, cache hits {100 * cached / total:.1f}%"
-            )
-            if name == "shuffled":  # every run: a budget-cut child still leaves raw's labels
-                scored = [label_of(plan["labels"], label_ids, o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None) for o in outs]  # fmt: skip
-                write_outputs(workdir, "raw", [
-                    {"row_id": r["row_id"], "prompt_tokens": len(o.prompt_token_ids), "label": x[0], "probs": x[1]}
-                    for r, o, x in zip(rows, outs, scored, strict=True)])  # fmt: skip
+    seen: dict[str, int] = {}
+    for name in calls:
+        rows = sets[name]
+        i = seen[name] = seen.get(name, 0)
+        seen[name] += 1
+        if deadline and name in last and time.time() + last[name] > deadline:
+            skipped.append(f"raw_{name} (run {i + 1})")
+            log(f"raw_{name} run {i + 1}: skipped, it would end past the budget")
+            continue
+        llm.reset_prefix_cache()
+        prompts = [TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in rows]
+        t1 = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t1
+        last[name] = dt
+        cached = sum(o.num_cached_tokens or 0 for o in outs)
+        total = sum(len(o.prompt_token_ids) for o in outs)
+        runs.append({"variant": f"raw_{name}", "run": i + 1, "rows": len(rows), "timed_s": dt,
+                     "rows_per_s": len(rows) / dt, "prefix_cache_hit_pct": round(100 * cached / total, 2)})  # fmt: skip
+        log(f"raw_{name} run {i + 1}: {len(rows) / dt:.2f} rows/s, cache hits {100 * cached / total:.1f}%")
+        if name == "shuffled":  # every run: a budget-cut child still leaves raw's labels
+            scored = [label_of(plan["labels"], label_ids, o.outputs[0].logprobs[0] if o.outputs[0].logprobs else None) for o in outs]  # fmt: skip
+            write_outputs(workdir, "raw", [
+                {"row_id": r["row_id"], "prompt_tokens": len(o.prompt_token_ids), "label": x[0], "probs": x[1]}
+                for r, o, x in zip(rows, outs, scored, strict=True)])  # fmt: skip
     emit({"variant": "raw", "engine_start_s": start_s, "niceness": nice, "runs": runs, "skipped": skipped,
              "kv_cache_tokens": (cache.num_gpu_blocks or 0) * cache.block_size})  # fmt: skip
