@@ -82,6 +82,21 @@ def _model(s: dict[str, Any]) -> str:
     return f"`{Path(str(s.get('model', '?'))).name}`"
 
 
+def host_cpu_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """turbo-batch's host CPU in its timed windows (bench/turbo.py's meter), engines excluded."""
+    hc = [r["host_cpu"] for r in runs if r["variant"] == "turbo" and r.get("host_cpu")]
+    if not hc:
+        return []
+    per = [h["cpu_s_per_1k_rows_excl_engine"] for h in hc]
+    mid = sorted(hc, key=lambda h: h["cpu_s_per_1k_rows_excl_engine"])[(len(hc) - 1) // 2]
+    top = sorted(((k, v) for k, v in mid["by_title"].items()), key=lambda kv: -kv[1])[:6]
+    return [
+        f"Host CPU in turbo-batch's timed windows, engines excluded: {', '.join(f'{x:g}' for x in per)} CPU-s per "
+        f"1,000 rows (= cores per 1,000 rows/s; median {statistics.median(per):g}; issue 11's bar ≤ 1). The median "
+        f"run by process title, CPU-s: {', '.join(f'`{k}` {v}' for k, v in top)}."
+    ]
+
+
 def markdown(d: dict[str, Any]) -> str:
     m, s = d["machine"], d["settings"]
     where = (
@@ -126,6 +141,7 @@ def markdown(d: dict[str, Any]) -> str:
         f"({o['doc_runs_in_key_order']} runs for {s['shape']['docs']} documents; anchor {o['anchor_bytes']} bytes).",
         f"Checks (labels vs raw shuffled, per row): `{json.dumps(d['checks'])}`.",
     ]
+    lines += host_cpu_lines(d["runs"])
     if d["skipped"]:
         lines.append(f"Skipped to stay within the time budget: {', '.join(d['skipped'])}.")
     if d.get("note"):
