@@ -21,6 +21,8 @@ target 1.2). Writes benchmarks/results/batch_<preset>.{json,md}.
     python benchmarks/bench_batch.py --preset cpu-smollm2
     python benchmarks/bench_batch.py --preset gpu-gemma4,gpu-gen-200 --results-dir $OUT   # on the GPU
     python benchmarks/bench_batch.py --preset gpu-20labels --dry-run      # anywhere: data + job only
+    python benchmarks/bench_batch.py --merge a/batch_gpu-gen-10.json b/batch_gpu-gen-10.json  # one preset's
+        # runs from several processes (GPU halves, device commands) -> medians in one results file
 """
 
 from __future__ import annotations
@@ -159,8 +161,19 @@ def main() -> None:
     ap.add_argument("--copy-logs", action="store_true", help="copy the variants' logs next to the results")
     ap.add_argument("--note", default=None, help="a reading of the numbers, stored in the results files")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    ap.add_argument("--merge", nargs="+", default=None, help="results JSONs of one preset's runs -> one file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.merge:
+        from bench.batch_merge import merge
+
+        data = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        out = Path(args.results_dir) / f"batch_{data['preset']}.json"
+        write_results(out, data)
+        if PRESETS.get(data["preset"], {}).get("kind") == "generate":
+            write_generate_summary(out.parent, data["preset"].split("-", 1)[0])
+        print(table(data))
+        return
     presets = [p.strip() for p in args.preset.split(",") if p.strip()]
     bad = [p for p in presets if p not in PRESETS]
     if bad:

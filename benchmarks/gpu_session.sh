@@ -27,6 +27,9 @@ BB_MODEL=${BB_MODEL:-/root/bb-model-$(basename "$TOK")$([ "$BENCH_STANDIN" = 1.2
 GEN_ROWS=${GEN_ROWS:-}  # batch-all gen: rows per preset (default: the presets' 1,200 / 4,000)
 LABEL_ROWS=${LABEL_ROWS:-}  # batch-all labels: rows (default: the preset's 3,600)
 LABEL_VARIANTS=${LABEL_VARIANTS:-}  # batch-all labels*: e.g. turbo,ray_data_llm (default: the preset's four)
+BATCH_VARIANTS=${BATCH_VARIANTS:-}  # batch-all unique/gen*: e.g. turbo (default: the part's)
+BATCH_REPEAT=${BATCH_REPEAT:-1}  # batch-all: runs of each variant in this command (bench_batch.py --merge
+                                 # combines the runs of several commands or GPU halves into medians)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
   checks)
@@ -76,17 +79,17 @@ case "${1:-}" in
     parts=${2:-unique gen labels}
     for part in $parts; do
       case $part in
-        unique) p=gpu-gemma4; extra=(--rows "${UNIQUE_ROWS:-5000}" --variants raw,turbo) ;;  # 15000: ~60 s windows
-        gen) p=gpu-gen-200,gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;  # also writes generate_gpu.json
-        gen200) p=gpu-gen-200; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
-        gen10) p=gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS}) ;;
+        unique) p=gpu-gemma4; extra=(--rows "${UNIQUE_ROWS:-5000}" --variants "${BATCH_VARIANTS:-raw,turbo}") ;;  # 15000: ~60 s windows
+        gen) p=gpu-gen-200,gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS} ${BATCH_VARIANTS:+--variants $BATCH_VARIANTS}) ;;  # also writes generate_gpu.json
+        gen200) p=gpu-gen-200; extra=(${GEN_ROWS:+--rows $GEN_ROWS} ${BATCH_VARIANTS:+--variants $BATCH_VARIANTS}) ;;
+        gen10) p=gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS} ${BATCH_VARIANTS:+--variants $BATCH_VARIANTS}) ;;
         labels) p=gpu-20labels; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS} ${LABEL_VARIANTS:+--variants $LABEL_VARIANTS}) ;;
         labels-smollm2) p=gpu-20labels-smollm2  # after `smollm2`
           extra=(${LABEL_ROWS:+--rows $LABEL_ROWS} ${LABEL_VARIANTS:+--variants $LABEL_VARIANTS})
           export TURBO_BATCH_CACHE=/root/tbcache ;;
         *) echo "batch-all parts: unique gen gen200 gen10 labels labels-smollm2" >&2; exit 2 ;;
       esac
-      timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --workdir "/root/bb-$part" \
+      timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --repeat "$BATCH_REPEAT" --workdir "/root/bb-$part" \
         --model-dir "$BB_MODEL" --tok "$TOK" --results-dir "$OUT" --copy-logs --timeout 400 > "$OUT/batch_$part.log" 2>&1
       echo "batch-all $part rc=$?"; tail -25 "$OUT/batch_$part.log"
     done

@@ -1,6 +1,7 @@
 """Benchmark helpers: bench_serve.py's py-spy summary reads py-spy's raw (collapsed) stacks correctly
 (thread shares, busy share per thread, top self and inclusive frames); the per-thread CPU of the
-serving process; bench_prefix.py's merge of a pair run's halves."""
+serving process; bench_prefix.py's merge of a pair run's halves; bench_batch.py's merge of one preset's
+runs from several processes; bench_prefix's --sequence and --raw-runs."""
 
 from __future__ import annotations
 
@@ -218,3 +219,32 @@ def test_widehost_finds_the_processes_that_loaded_the_tokenizer():
     assert len(watch.workers) == 2 and p.pid not in watch.workers
     assert len(watch.with_tokenizer) == 1 and watch.with_tokenizer <= watch.workers
     assert not tokenizer_loaded(next(iter(watch.with_tokenizer)))  # gone: no maps to read
+
+
+def test_batch_runs_from_several_processes_merge_into_medians():
+    """bench_batch --merge: one preset's runs made in several processes (GPU halves, device commands)
+    give medians over all of them; parts with other rows or engine args are refused."""
+    import copy
+    import json
+
+    import pytest
+    from bench.batch_merge import merge
+
+    d = json.loads((REPO / "benchmarks" / "results" / "batch_gpu-unique-15k.json").read_text())
+    parts = []
+    for raw, turbo in ((222.1, 226.4), (220.0, 230.0), (225.0, 221.0)):
+        p = copy.deepcopy(d)
+        for v, x in (("raw", raw), ("turbo", turbo)):
+            p["results"][v]["rows_per_s"] = x
+            p["results"][v]["runs"][0]["rows_per_s"] = x
+        parts.append(p)
+    m = merge(parts)
+    assert [r["rows_per_s"] for r in m["results"]["raw"]["runs"]] == [222.1, 220.0, 225.0]
+    assert m["results"]["raw"]["rows_per_s"] == 222.1 and m["results"]["turbo"]["rows_per_s"] == 226.4
+    assert m["results"]["turbo"]["median_of"] == 3
+    assert m["results"]["turbo"]["host_cpu"]  # the median run's whole record
+    assert m["headline"]["ratio"] == pytest.approx(226.4 / 222.1)
+    other = copy.deepcopy(d)
+    other["plan"]["rows"] = 5000
+    with pytest.raises(SystemExit, match="part 2 ran different settings"):
+        merge([d, other])

@@ -1,0 +1,71 @@
+"""bench_batch.py --merge: one results file from runs of one preset made in several processes.
+
+A GPU half holds a 10-minute command: three alternating runs of every variant rarely fit one, so the
+runs of one preset are spread over halves and device commands (the same rows, token ids, sampling and
+engine args; pair runs at the same time on two GPUs of one host) and merged here into medians. Owns
+nothing else; refuses parts whose preset, rows or engine differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import headline
+
+KEYS = ("run", "rows_per_s", "timed_s", "engine_start_s", "load1_during")
+
+
+def _same(d: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal across parts: the preset, its rows and prompts, the engine (not its folder)."""
+    p = d["plan"]
+    engine = {k: v for k, v in (p.get("engine_args") or {}).items() if k != "model"}
+    keep = ("kind", "rows", "prompt_tokens", "labels", "max_tokens")
+    return {"preset": d["preset"], "engine_args": engine} | {k: p.get(k) for k in keep}
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    if not parts:
+        raise SystemExit("--merge: no results files")
+    first = _same(parts[0])
+    for i, d in enumerate(parts[1:], start=2):
+        if _same(d) != first:
+            diff = sorted(k for k, v in _same(d).items() if first.get(k) != v)
+            raise SystemExit(f"--merge: part {i} ran different settings ({', '.join(diff)})")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    full: dict[tuple[int, str, int], dict[str, Any]] = {}  # (part, variant, run) -> the part's whole record
+    for i, d in enumerate(parts):
+        for v, rec in d["results"].items():
+            for r in rec.get("runs") or [{k: rec.get(k) for k in KEYS}]:
+                runs.setdefault(v, []).append({**{k: r.get(k) for k in KEYS}, "part": i + 1})
+            full[(i + 1, v, rec.get("run") or 1)] = rec
+    results: dict[str, Any] = {}
+    for v, rs in runs.items():
+        ok = sorted((r for r in rs if r.get("rows_per_s")), key=lambda r: r["rows_per_s"])
+        mid = ok[(len(ok) - 1) // 2] if ok else rs[-1]  # the median run (the lower one if even)
+        rec = full.get((mid["part"], v, mid.get("run") or 1))
+        if rec is None:  # a part's non-median run: only its summary fields were kept
+            rec = {**next(r for (p, vv, _), r in full.items() if p == mid["part"] and vv == v), **mid}
+            rec["detail_from"] = "its part's median run (host CPU, checks); rows/s and window its own"
+        results[v] = {**rec, "rows_per_s": mid["rows_per_s"], "timed_s": mid.get("timed_s"), "runs": rs}
+        results[v]["median_of"] = len(ok)
+    d0 = parts[0]
+    data = {k: d0[k] for k in ("preset", "invocation", "machine", "plan", "variants") if k in d0}
+    data |= {
+        "date": d0["date"],
+        "git": d0["git"],
+        "merged_from": [
+            {"date": d["date"], "git": d["git"], "variants": sorted(d["results"])} for d in parts
+        ],
+        "bench_wall_s": max(d.get("bench_wall_s") or 0 for d in parts),
+        "loadavg_start": d0.get("loadavg_start"),
+        "loadavg_end": parts[-1].get("loadavg_end"),
+        "repeat": max(len(rs) for rs in runs.values()) if runs else 0,
+        "results": results,
+        "errors": {k: v for d in parts for k, v in (d.get("errors") or {}).items()},
+        "complete": all(d.get("complete") for d in parts),
+        "note": " ".join(filter(None, (d.get("note") for d in parts))) or None,
+    }
+    data["variants"] = sorted(results)
+    # no per-run pairs: runs of different parts are not each other's neighbours in time
+    data["headline"] = headline(d0["plan"]["kind"], results, {})
+    return data
