@@ -205,7 +205,9 @@ def test_widehost_finds_the_processes_that_loaded_the_tokenizer():
     py = shlex.quote(str(Path(sys.executable).resolve()))
     ready = "import sys; sys.stdout.write('ok'); sys.stdout.flush(); sys.stdin.read()"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the base binary, this venv's packages
-    script = " & ".join(f'(exec -a "ray::MapBatches(render)" {py} -c "{imp}{ready}")'
+    # `0<&0`: without job control bash gives a background command /dev/null as stdin, and the children
+    # would exit at once (read() at EOF) and be gone, or half gone, when the tree is sampled
+    script = " & ".join(f'(exec -a "ray::MapBatches(render)" {py} -c "{imp}{ready}") 0<&0'
                         for imp in ("import tokenizers; ", "")) + " & wait"  # fmt: skip
     p = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     watch = TokenizerWatch()
