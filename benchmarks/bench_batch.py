@@ -63,19 +63,11 @@ from bench.common import (  # noqa: F401
 )
 from bench.prepare import job_dict, prepare  # noqa: F401
 from bench.presets import PRESETS, VARIANTS
-from bench.report import agreement, headline, table, write_generate_summary, write_results
+from bench.report import agreement, headline, median_result, table, write_generate_summary, write_results
 
 
 def _for(args: argparse.Namespace, preset: str) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "preset": preset})
-
-
-def _median(rs: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = sorted((r for r in rs if r.get("rows_per_s")), key=lambda r: r["rows_per_s"])
-    pick = dict(ok[(len(ok) - 1) // 2] if ok else rs[-1])  # the median run (the lower one if even)
-    keys = ("run", "rows_per_s", "timed_s", "engine_start_s", "load1_during")
-    pick["runs"] = [{k: r.get(k) for k in keys} for r in rs]
-    return pick
 
 
 def run_all(
@@ -240,7 +232,7 @@ def main() -> None:
         """Results files of every preset; also after each run, so a cut-off GPU session keeps its numbers."""
         outs = []
         for p in presets:
-            results = {v: _median(rs) for v, rs in runs[p].items() if rs}
+            results = {v: median_result(rs) for v, rs in runs[p].items() if rs}
             data: dict[str, Any] = {
                 "preset": p,
                 "invocation": ",".join(presets),

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report import headline
-
-KEYS = ("run", "rows_per_s", "timed_s", "engine_start_s", "load1_during")
+from .common import lower_median
+from .report import RUN_KEYS, headline
 
 
 def _same(d: dict[str, Any]) -> dict[str, Any]:
@@ -35,13 +34,13 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     full: dict[tuple[int, str, int], dict[str, Any]] = {}  # (part, variant, run) -> the part's whole record
     for i, d in enumerate(parts):
         for v, rec in d["results"].items():
-            for r in rec.get("runs") or [{k: rec.get(k) for k in KEYS}]:
-                runs.setdefault(v, []).append({**{k: r.get(k) for k in KEYS}, "part": i + 1})
+            for r in rec.get("runs") or [{k: rec.get(k) for k in RUN_KEYS}]:
+                runs.setdefault(v, []).append({**{k: r.get(k) for k in RUN_KEYS}, "part": i + 1})
             full[(i + 1, v, rec.get("run") or 1)] = rec
     results: dict[str, Any] = {}
     for v, rs in runs.items():
-        ok = sorted((r for r in rs if r.get("rows_per_s")), key=lambda r: r["rows_per_s"])
-        mid = ok[(len(ok) - 1) // 2] if ok else rs[-1]  # the median run (the lower one if even)
+        ok = [r for r in rs if r.get("rows_per_s")]
+        mid = lower_median(ok, key=lambda r: r["rows_per_s"]) if ok else rs[-1]
         rec = full.get((mid["part"], v, mid.get("run") or 1))
         if rec is None:  # a part's non-median run: only its summary fields were kept
             rec = {**next(r for (p, vv, _), r in full.items() if p == mid["part"] and vv == v), **mid}
@@ -49,7 +48,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         results[v] = {**rec, "rows_per_s": mid["rows_per_s"], "timed_s": mid.get("timed_s"), "runs": rs}
         results[v]["median_of"] = len(ok)
     d0 = parts[0]
-    data = {k: d0[k] for k in ("preset", "invocation", "machine", "plan", "variants") if k in d0}
+    data = {k: d0[k] for k in ("preset", "invocation", "machine", "plan") if k in d0}
     data |= {
         "date": d0["date"],
         "git": d0["git"],
@@ -64,8 +63,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": {k: v for d in parts for k, v in (d.get("errors") or {}).items()},
         "complete": all(d.get("complete") for d in parts),
         "note": " ".join(filter(None, (d.get("note") for d in parts))) or None,
+        "variants": sorted(results),
     }
-    data["variants"] = sorted(results)
     # no per-run pairs: runs of different parts are not each other's neighbours in time
     data["headline"] = headline(d0["plan"]["kind"], results, {})
     return data

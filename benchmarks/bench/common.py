@@ -130,6 +130,12 @@ def same_niceness_as_ray() -> int:
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
+def lower_median(items: list[Any], key: Any) -> Any:
+    """The median item by `key` (the lower of the middle two if their number is even): a real run's
+    record, not an average of two."""
+    return sorted(items, key=key)[(len(items) - 1) // 2]
+
+
 def fmt(x: Any, nd: int = 2) -> str:
     return "—" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 

@@ -88,7 +88,7 @@ def host_cpu_lines(runs: list[dict[str, Any]]) -> list[str]:
     if not hc:
         return []
     per = [h["cpu_s_per_1k_rows_excl_engine"] for h in hc]
-    mid = sorted(hc, key=lambda h: h["cpu_s_per_1k_rows_excl_engine"])[(len(hc) - 1) // 2]
+    mid = bb.lower_median(hc, key=lambda h: h["cpu_s_per_1k_rows_excl_engine"])
     top = sorted(((k, v) for k, v in mid["by_title"].items()), key=lambda kv: -kv[1])[:6]
     return [
         f"Host CPU in turbo-batch's timed windows, engines excluded: {', '.join(f'{x:g}' for x in per)} CPU-s per "

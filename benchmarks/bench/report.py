@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import fmt, read_rendered
+from .common import fmt, lower_median, read_rendered
 
 TARGETS = {"classify": 0.97, "generate": 0.97, "labels": 1.2}
 
@@ -71,6 +71,17 @@ def agreement(workdir: Path, variant: str, plan: dict[str, Any]) -> dict[str, An
         hit = sum(mine[k]["label"] == g for k, g in golds.items() if k in mine)
         res["accuracy_pct"] = round(100 * hit / len(golds), 2)
     return res
+
+
+RUN_KEYS = ("run", "rows_per_s", "timed_s", "engine_start_s", "load1_during")  # each run's summary
+
+
+def median_result(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median run's whole record (by rows/s), with every run's summary under "runs"."""
+    ok = [r for r in rs if r.get("rows_per_s")]
+    pick = dict(lower_median(ok, key=lambda r: r["rows_per_s"]) if ok else rs[-1])
+    pick["runs"] = [{k: r.get(k) for k in RUN_KEYS} for r in rs]
+    return pick
 
 
 def headline(kind: str, results: dict[str, Any], runs: dict[str, list]) -> dict[str, Any] | None:
