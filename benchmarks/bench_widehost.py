@@ -32,7 +32,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "benchmarks")]
-from bench.hostcpu import HostCpu  # noqa: E402
+from bench.hostcpu import HostCpu, excl_engine_per_1k, timed_window  # noqa: E402
+
+from turbo_batch.batch.write import SUMMARY  # noqa: E402
 
 
 def tokenizer_loaded(pid: int) -> bool:
@@ -92,13 +94,10 @@ def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) ->
     if p.returncode != 0:
         raise SystemExit(f"{label}: turbo-batch run failed ({p.returncode}); see {workdir}/run-{label}.log")
     out_dir = workdir / f"out-{label}"
-    summary = json.loads((out_dir / "_summary.json").read_text())
+    summary = json.loads((out_dir / SUMMARY).read_text())
     cpu = meter.between(t0, t1)
-    # the timed window as bench/turbo.py takes it: engines ready → last commit (the manifest's last write)
-    last_commit = (out_dir / "_manifest.jsonl").stat().st_mtime
-    w0, rows = last_commit - summary["wall_s"], summary["rows_this_run"]
-    window = meter.between(w0, last_commit)
-    not_engine = sum(v for k, v in window["by_role"].items() if k != "engine")
+    w0, w1 = timed_window(out_dir, summary["wall_s"])  # the same window as bench/turbo.py's
+    window = meter.between(w0, w1)
     return {
         "label": label,
         "code": str(code),
@@ -112,8 +111,8 @@ def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) ->
         "window": {
             **window,
             "window_s": summary["wall_s"],
-            "ray_workers_alive_max": watch.most_alive(w0, last_commit),
-            "cpu_s_per_1k_rows_excl_engine": round(1000 * not_engine / rows, 3),
+            "ray_workers_alive_max": watch.most_alive(w0, w1),
+            "cpu_s_per_1k_rows_excl_engine": excl_engine_per_1k(window, summary["rows_this_run"]),
         },
     }
 

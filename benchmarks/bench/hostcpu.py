@@ -68,6 +68,21 @@ def short_title(title: str) -> str:
     return title[:80]
 
 
+def excl_engine_per_1k(split: dict[str, dict[str, float]], rows: int) -> float:
+    """CPU-s per 1,000 rows outside the engines of a `between()` split (= cores per 1,000 rows/s;
+    issue 11 point 4's bar: <= 1)."""
+    return round(1000 * sum(v for k, v in split["by_role"].items() if k != "engine") / rows, 3)
+
+
+def timed_window(out_dir: Path, wall_s: float) -> tuple[float, float]:
+    """A finished `turbo-batch run`'s timed window in time.time(): engines ready -> last commit (the
+    manifest's last write), `wall_s` being its _summary.json wall_s."""
+    from turbo_batch.batch.write import MANIFEST
+
+    last_commit = (out_dir / MANIFEST).stat().st_mtime
+    return last_commit - wall_s, last_commit
+
+
 class HostCpu:
     def __init__(self, root_pid: int, every: float = 0.25, on_sample: Callable[[Tree], None] | None = None):
         """`on_sample(tree)`, if given, sees each poll's {pid: (cpu s, title)} (from the polling thread)."""

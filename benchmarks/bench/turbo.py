@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import REPO, tail, write_outputs
-from .hostcpu import HostCpu
+from .hostcpu import HostCpu, excl_engine_per_1k, timed_window
 
 
 def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
@@ -50,11 +50,8 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
             r["probs"] = [(r["probs"] or {}).get(lab) for lab in plan["labels"]]
     write_outputs(workdir, "turbo", rows)
     wall = s["wall_s"]
-    last_commit = (out_dir / MANIFEST).stat().st_mtime
-    host = meter.between(last_commit - wall, last_commit)  # the timed window: engines ready → last commit
+    host = meter.between(*timed_window(out_dir, wall))
     whole = meter.between(started, time.time())  # + Ray and engine start, work done before engines are ready
-    not_engine = sum(v for k, v in host["by_role"].items() if k != "engine")
-    whole_not_engine = sum(v for k, v in whole["by_role"].items() if k != "engine")
     out_tok = sum(r.get("output_tokens") or 0 for r in rows) if plan.get("kind") == "generate" else 0
     return {
         "variant": "turbo",
@@ -76,10 +73,10 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
             **host,
             "window_s": wall,
             "rows": s["rows_this_run"],
-            "cpu_s_per_1k_rows_excl_engine": round(1000 * not_engine / s["rows_this_run"], 3),
+            "cpu_s_per_1k_rows_excl_engine": excl_engine_per_1k(host, s["rows_this_run"]),
             "whole_run": {
                 **whole,
-                "cpu_s_per_1k_rows_excl_engine": round(1000 * whole_not_engine / s["rows_this_run"], 3),
+                "cpu_s_per_1k_rows_excl_engine": excl_engine_per_1k(whole, s["rows_this_run"]),
             },
         },
     }
