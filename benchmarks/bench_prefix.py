@@ -304,6 +304,9 @@ def main() -> None:
          "ray_data_llm": lambda: child_rdl(workdir)}[args.child]()  # fmt: skip
         return
 
+    # a bad --raw-runs or --sequence fails here, before the probe child builds a GPU model (~1 min)
+    raw_calls(1, args.raw_runs)
+    ran = sequence(args.sequence) if args.sequence else None
     t_all = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     bb.log(
@@ -313,12 +316,8 @@ def main() -> None:
     info = run_child(workdir, "probe", args, args.timeout)
     plan = prepare(args, workdir, info)
     bb.log(f"{plan['rows']} rows, prompt tokens {plan['prompt_tokens']}, order stage {plan['order_stage']}")
-    raw_calls(1, args.raw_runs)  # a bad --raw-runs fails here, before any engine starts
     plan.update(sequence=args.sequence, raw_runs=args.raw_runs)
-    if args.sequence:
-        order = sequence(args.sequence)
-    else:
-        order = [v for v in schedule(plan["repeat"], plan["rdl_repeat"]) if v in args.variants.split(",")]
+    order = ran or [v for v in schedule(plan["repeat"], plan["rdl_repeat"]) if v in args.variants.split(",")]
     if args.dry_run:
         from turbo_batch.batch.plan import preflight
         from turbo_batch.spec import load_job

@@ -77,15 +77,16 @@ case "${1:-}" in
     # Raw vLLM runs every preset of a part on one engine (equal engine args, prefix cache reset before each
     # timed call); each timed window is ~20 s. No part given: all three, back to back (~23 min).
     parts=${2:-unique gen labels}
+    bv=(${BATCH_VARIANTS:+--variants $BATCH_VARIANTS}) lv=(${LABEL_VARIANTS:+--variants $LABEL_VARIANTS})
     for part in $parts; do
       case $part in
         unique) p=gpu-gemma4; extra=(--rows "${UNIQUE_ROWS:-5000}" --variants "${BATCH_VARIANTS:-raw,turbo}") ;;  # 15000: ~60 s windows
-        gen) p=gpu-gen-200,gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS} ${BATCH_VARIANTS:+--variants $BATCH_VARIANTS}) ;;  # also writes generate_gpu.json
-        gen200) p=gpu-gen-200; extra=(${GEN_ROWS:+--rows $GEN_ROWS} ${BATCH_VARIANTS:+--variants $BATCH_VARIANTS}) ;;
-        gen10) p=gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS} ${BATCH_VARIANTS:+--variants $BATCH_VARIANTS}) ;;
-        labels) p=gpu-20labels; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS} ${LABEL_VARIANTS:+--variants $LABEL_VARIANTS}) ;;
+        gen) p=gpu-gen-200,gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS} "${bv[@]}") ;;  # also writes generate_gpu.json
+        gen200) p=gpu-gen-200; extra=(${GEN_ROWS:+--rows $GEN_ROWS} "${bv[@]}") ;;
+        gen10) p=gpu-gen-10; extra=(${GEN_ROWS:+--rows $GEN_ROWS} "${bv[@]}") ;;
+        labels) p=gpu-20labels; extra=(${LABEL_ROWS:+--rows $LABEL_ROWS} "${lv[@]}") ;;
         labels-smollm2) p=gpu-20labels-smollm2  # after `smollm2`
-          extra=(${LABEL_ROWS:+--rows $LABEL_ROWS} ${LABEL_VARIANTS:+--variants $LABEL_VARIANTS})
+          extra=(${LABEL_ROWS:+--rows $LABEL_ROWS} "${lv[@]}")
           export TURBO_BATCH_CACHE=/root/tbcache ;;
         *) echo "batch-all parts: unique gen gen200 gen10 labels labels-smollm2" >&2; exit 2 ;;
       esac

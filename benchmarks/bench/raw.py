@@ -147,8 +147,8 @@ def child_prefix_raw(workdir: Path, calls: list[str], deadline: float | None = N
     seen: dict[str, int] = {}
     for name in calls:
         rows = sets[name]
-        i = seen[name] = seen.get(name, 0)
-        seen[name] += 1
+        i = seen.get(name, 0)  # this call's index among the calls of its kind
+        seen[name] = i + 1
         if deadline and name in last and time.time() + last[name] > deadline:
             skipped.append(f"raw_{name} (run {i + 1})")
             log(f"raw_{name} run {i + 1}: skipped, it would end past the budget")
