@@ -293,6 +293,7 @@ def main() -> None:
     if args.merge:
         data = merge([json.loads(Path(f).read_text()) for f in args.merge])
         out = Path(args.results_dir) / f"prefix_{data['preset']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=2, default=str) + "\n")
         out.with_suffix(".md").write_text(markdown(data))
         print(out.with_suffix(".md").read_text())
