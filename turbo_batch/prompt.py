@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,13 @@ from typing import Any
 from jinja2 import TemplateSyntaxError, meta
 
 from turbo_batch.errors import RowError
-from turbo_batch.sandbox import RENDER_SECONDS, LimitedSandbox, render_limited
+from turbo_batch.sandbox import (
+    MAX_OUTPUT_CHARS,
+    RENDER_SECONDS,
+    LimitedSandbox,
+    TemplateLimit,
+    render_limited,
+)
 
 # Limits (time per row, rendered size, range(), repetition) live in sandbox.py; every one of them,
 # and any other exception raised while a template renders, ends as that row's TEMPLATE_ERROR.
@@ -131,6 +138,14 @@ class PromptBuilder:
         sys_src = config.system_template
         self._system = _compile(sys_src) if sys_src else None
         self._label_cache: dict[str, list[int] | None] = {}
+        # Shortcuts that give the same text with less work per row (render_parts):
+        # a user template that is one text column, `{{ text }}`, is that column's cleaned value;
+        m = re.fullmatch(r"\{\{-?\s*(\w+)\s*-?\}\}", config.user_template)
+        self._user_column = m.group(1) if m and m.group(1) in config.text_columns else None
+        # a system template that reads only the job's builtins (labels, ...) renders once, unless a row
+        # has a column of one of those names (a row's columns shadow the builtins).
+        self._system_vars = template_variables(sys_src) if sys_src else set()
+        self._system_text: str | None = None
 
     # -- rendering -------------------------------------------------------------------------------
     def render_text(self, row: Mapping[str, Any]) -> str:
@@ -147,14 +162,28 @@ class PromptBuilder:
             context[col] = clean_text(col, row.get(col))
         which = "prompt.template"
         try:
-            user = render_limited(self._user, context, seconds=seconds)
+            if self._user_column is not None:  # what `{{ col }}` renders, limits included
+                user = context[self._user_column]
+                if len(user) > MAX_OUTPUT_CHARS:
+                    raise TemplateLimit(f"rendered prompt is over the limit of {MAX_OUTPUT_CHARS} characters")
+            else:
+                user = render_limited(self._user, context, seconds=seconds)
             which = "prompt.system"
-            system = render_limited(self._system, context, seconds=seconds) if self._system else None
+            system = self._render_system(context, row, seconds)
         except RecursionError:
             raise RowProblem(RowError.TEMPLATE_ERROR, f"{which}: recursion too deep") from None
         except Exception as e:  # the template's own failure (a TemplateError, 1/0, a limit, ...)
             raise RowProblem(RowError.TEMPLATE_ERROR, f"{which}: {type(e).__name__}: {e}") from None
         return user, system
+
+    def _render_system(self, context: dict[str, Any], row: Mapping[str, Any], seconds: float) -> str | None:
+        if self._system is None:
+            return None
+        if self._system_vars <= self._context.keys() and not self._system_vars & row.keys():
+            if self._system_text is None:  # the same text for every row: rendered once
+                self._system_text = render_limited(self._system, dict(self._context), seconds=seconds)
+            return self._system_text
+        return render_limited(self._system, context, seconds=seconds)
 
     def apply_chat(self, user: str, system: str | None) -> str:
         if not self.config.chat:
@@ -171,6 +200,29 @@ class PromptBuilder:
     def encode(self, text: str) -> list[int]:
         # The chat template already wrote the BOS token where the model wants one.
         return list(self.tokenizer.encode(text, add_special_tokens=not self.config.chat))
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int] | Exception]:
+        """Token ids of each text, as `encode` gives them, in one call to a fast tokenizer's Rust core
+        (no offsets: ~30% less CPU than encoding row by row); a text the tokenizer fails on gets its
+        exception in its place, and the others their ids."""
+        core = getattr(self.tokenizer, "_tokenizer", None)
+        batch = getattr(core, "encode_batch_fast", None) or getattr(core, "encode_batch", None)
+        # The wrapper sets the core's encode_special_tokens from split_special_tokens on every call.
+        same = batch is not None and bool(getattr(self.tokenizer, "split_special_tokens", False)) == bool(
+            getattr(core, "encode_special_tokens", False)
+        )
+        if same and texts:
+            try:
+                return [e.ids for e in batch(list(texts), add_special_tokens=not self.config.chat)]
+            except Exception:  # find the text that fails, row by row
+                pass
+        out: list[list[int] | Exception] = []
+        for text in texts:
+            try:
+                out.append(self.encode(text))
+            except Exception as e:
+                out.append(e)
+        return out
 
     # -- classification --------------------------------------------------------------------------
     def label_token_ids(self, prompt_text: str) -> list[int] | None:

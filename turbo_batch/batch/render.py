@@ -1,8 +1,8 @@
 """Render: the Ray Data stage that turns input rows into token ids (CPU tasks, many in parallel).
 
-Owns: `render_block(block) -> block` — sandboxed Jinja + chat template + tokenizer (via prompt.py), the
-labels' first token ids and each row's output budget, or an error code per row; one tokenizer per
-worker process and job. Must not touch: engines, the output dir, the order of rows within a block.
+Owns: `render_block(block) -> block` — sandboxed Jinja + chat template per row, then one tokenizer call
+for the block's prompt texts (via prompt.py), the labels' first token ids and each row's output
+budget, or an error code per row; one tokenizer per worker process and job. Must not touch: engines, the output dir, the order of rows within a block.
 The rendered block's columns are the contract with the driver: row_id, the passthrough columns,
 prompt_ids, label_ids, budget, prompt_tokens, error_code, error_message.
 """
@@ -62,39 +62,48 @@ def render_block(
         if col in block.column_names and pa.types.is_string(block.schema.field(col).type):
             idx = block.column_names.index(col)
             block = block.set_column(idx, col, block.column(col).cast(pa.binary()))
-    prompt_ids, label_ids, budgets, ntok, codes, messages, overrides = [], [], [], [], [], [], []
-    for row in block.to_pylist():
-        ids: list[int] | None = None
-        labels: list[int] | None = None
-        code = message = None
-        override: dict[str, Any] | None = None
+    rows = block.to_pylist()
+    n = len(rows)
+    prompt_ids: list[list[int] | None] = [None] * n
+    label_ids: list[list[int] | None] = [None] * n
+    codes: list[str | None] = [None] * n
+    messages: list[str | None] = [None] * n
+    overrides: list[dict[str, Any] | None] = [None] * n
+    texts: dict[int, str] = {}  # row index -> prompt text, tokenized below in one call
+    for i, row in enumerate(rows):
         if row.get(INPUT_ERROR):
-            code, _, message = row[INPUT_ERROR].partition(":")
+            codes[i], _, messages[i] = row[INPUT_ERROR].partition(":")
         elif row.get(openai_batch.BODY_COLUMN):  # an OpenAI batch request line (openai_batch.py)
             try:
-                ids = openai_batch.render_ids(builder.tokenizer, row)
-                override = json.loads(row[openai_batch.BODY_COLUMN]).get("sampling") or None
+                prompt_ids[i] = openai_batch.render_ids(builder.tokenizer, row)
+                overrides[i] = json.loads(row[openai_batch.BODY_COLUMN]).get("sampling") or None
             except ValueError as e:
-                code, message = str(RowError.INVALID_REQUEST), str(e)
+                codes[i], messages[i] = str(RowError.INVALID_REQUEST), str(e)
         else:
             try:
-                ids, labels = builder.build(hygiene.template_row(row))  # input's own names
+                texts[i] = builder.render_text(hygiene.template_row(row))  # input's own names
             except RowProblem as e:
-                code, message = str(e.code), e.message
-            except Exception as e:  # a tokenizer failure on odd input must not stop the job
-                code, message = str(RowError.INTERNAL_ERROR), f"render: {type(e).__name__}: {e}"
-        prompt_ids.append(ids)
-        label_ids.append(labels)
+                codes[i], messages[i] = str(e.code), e.message
+            except Exception as e:  # a chat template's failure on odd input must not stop the job
+                codes[i], messages[i] = str(RowError.INTERNAL_ERROR), f"render: {type(e).__name__}: {e}"
+    classify = cfg.task["type"] == "classify"
+    for i, ids in zip(texts, builder.encode_many(list(texts.values())), strict=True):
+        try:  # a tokenizer failure on odd input must not stop the job
+            if isinstance(ids, Exception):
+                raise ids
+            label_ids[i] = builder.label_token_ids(texts[i]) if classify else None
+            prompt_ids[i] = ids
+        except Exception as e:
+            codes[i], messages[i] = str(RowError.INTERNAL_ERROR), f"render: {type(e).__name__}: {e}"
+    budgets: list[int | None] = []
+    for ids, labels, override in zip(prompt_ids, label_ids, overrides, strict=True):
         if ids is None:
             budgets.append(None)
         elif override and override.get("max_tokens"):  # a request line's own max_tokens
             budgets.append(int(override["max_tokens"]))
         else:
             budgets.append(runner.output_budget(labels))
-        overrides.append(json.dumps(override) if override else None)
-        ntok.append(len(ids) if ids is not None else None)
-        codes.append(code)
-        messages.append(message)
+    ntok = [len(ids) if ids is not None else None for ids in prompt_ids]
     cols = {"row_id": block.column("row_id")}
     for c in passthrough:
         cols[c] = block.column(c)
@@ -106,7 +115,8 @@ def render_block(
             "prompt_tokens": pa.array(ntok, pa.int32()),
             "error_code": pa.array(codes, pa.string()),
             "error_message": pa.array(messages, pa.string()),
-            "sampling": pa.array(overrides, pa.string()),  # per-row overrides (JSON) or null
+            # per-row overrides (JSON) or null
+            "sampling": pa.array([json.dumps(o) if o else None for o in overrides], pa.string()),
         }
     )
     return pa.table(cols)
