@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,10 @@ def _builder(cfg: PromptConfig, tokenizer_path: str, trust_remote_code: bool) ->
         [dataclasses.asdict(cfg), tokenizer_path, trust_remote_code], sort_keys=True, default=str
     )
     if key not in _BUILDERS:
+        # A render task holds cluster.render_cpus (0.5 by default) of a CPU, and the rows of its block
+        # are tokenized in one call: the tokenizer's Rust thread pool would spread that call over every
+        # core of the node, beside the engines. Ray Data runs render tasks side by side instead.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         tok = load_tokenizer(tokenizer_path, trust_remote_code)
         _BUILDERS[key] = (PromptBuilder(cfg, tok), TaskRunner(cfg.task, {}, tok))
     return _BUILDERS[key]
