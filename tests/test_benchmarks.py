@@ -57,3 +57,19 @@ def test_bench_serve_dry_run_plans_both_servers(tmp_path):
     ServeSpec.model_validate(json.loads(lines[1]))
     assert lines[2] == "variants that would run: vllm, turbo-direct, turbo, turbo-2ingress"
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_render_times_two_checkouts_and_compares_their_blocks(tmp_path):
+    """bench_render.py for real on the tiny tokenizer, this checkout under two labels: per-row CPU
+    for each, and the second's rendered block equal to the first's."""
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_render.py"), "--code", f"a={REPO}", "--code",
+         f"b={REPO}", "--tok", "tiny", "--rows", "40", "--repeat", "2", "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path / "render_cpu.json").read_text())
+    a, b = d["results"]["tiny/a"], d["results"]["tiny/b"]
+    assert len(a["cpu_s_runs"]) == 2 and a["cpu_s_per_1k_rows"] > 0 and a["prompt_tokens"] > 40 * 900
+    assert a["same_block_as_first"] is None and b["same_block_as_first"] is True
+    assert "| tiny | b |" in (tmp_path / "render_cpu.md").read_text()

@@ -82,9 +82,9 @@ def test_a_text_the_tokenizer_fails_on_gets_its_error_and_the_others_their_ids(t
 
 
 def test_column_template_and_fixed_system_render_what_jinja_renders(tok, monkeypatch):
-    """`{{ text }}` is the column's value and the default system prompt (labels only) renders once; a
-    template that Jinja must render (`{{ text ~ '' }}`) and a row that shadows `labels` take the
-    general path. Same texts either way."""
+    """`{{ text }}` is the column's value and the default system prompt (labels only) renders once per
+    builder; a template that Jinja must render (`{{ text ~ '' }}`) and a row that shadows `labels`
+    take the general path. Same texts either way."""
     fast = PromptBuilder(_config(), tok)
     slow = PromptBuilder(_config(template="{{ text ~ '' }}"), tok)
     calls = []
@@ -92,9 +92,11 @@ def test_column_template_and_fixed_system_render_what_jinja_renders(tok, monkeyp
     monkeypatch.setattr(prompt_mod, "render_limited", lambda *a, **k: calls.append(1) or real(*a, **k))
     for t in TEXTS:
         assert fast.render_text({"text": t}) == slow.render_text({"text": t})
-    assert len(calls) == 1 + 2 * len(TEXTS)  # fast: the system once; slow: user + system per row
+    assert len(calls) == 2 + len(TEXTS)  # each renders its system once; slow renders every user text
     shadow = fast.render_text({"text": "a row", "labels": ["spam", "ham"]})
     assert "spam, ham" in shadow and "positive, negative" not in shadow
+    assert len(calls) == 3 + len(TEXTS)  # the shadowing row's system, rendered for it
+    assert "positive, negative" in fast.render_text({"text": "the next row"})
 
 
 def test_the_size_limit_holds_on_the_column_template(tok):
