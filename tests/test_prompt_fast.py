@@ -73,6 +73,21 @@ class _Tok:
         return self._real.encode(text, add_special_tokens=add_special_tokens)
 
 
+def test_a_tokenizer_json_with_truncation_still_gives_what_encode_gives(tiny_model):
+    """A tokenizer.json may carry truncation (or padding), which transformers' encode turns off on every
+    call: the batch path must not truncate where `encode` does not."""
+    tok = load_tokenizer(str(tiny_model))
+    b = PromptBuilder(_config(chat=False), tok)
+    long = "x " * 400
+    full = b.encode(long)
+    assert len(full) > 64
+    tok._tokenizer.enable_truncation(max_length=64)
+    try:
+        assert b.encode_many([long, "short"]) == [full, b.encode("short")]
+    finally:
+        tok._tokenizer.no_truncation()
+
+
 def test_a_text_the_tokenizer_fails_on_gets_its_error_and_the_others_their_ids(tiny_model):
     real = load_tokenizer(str(tiny_model))
     b = PromptBuilder(_config(chat=False), _Tok(real))

@@ -207,9 +207,14 @@ class PromptBuilder:
         exception in its place, and the others their ids."""
         core = getattr(self.tokenizer, "_tokenizer", None)
         batch = getattr(core, "encode_batch_fast", None) or getattr(core, "encode_batch", None)
-        # The wrapper sets the core's encode_special_tokens from split_special_tokens on every call.
-        same = batch is not None and bool(getattr(self.tokenizer, "split_special_tokens", False)) == bool(
-            getattr(core, "encode_special_tokens", False)
+        # The wrapper sets the core's encode_special_tokens from split_special_tokens, and turns off a
+        # truncation or padding that tokenizer.json may carry, on every call: same ids only without them.
+        same = (
+            batch is not None
+            and bool(getattr(self.tokenizer, "split_special_tokens", False))
+            == bool(getattr(core, "encode_special_tokens", False))
+            and getattr(core, "truncation", None) is None
+            and getattr(core, "padding", None) is None
         )
         if same and texts:
             try:
