@@ -18,13 +18,7 @@ from typing import Any
 from jinja2 import TemplateSyntaxError, meta
 
 from turbo_batch.errors import RowError
-from turbo_batch.sandbox import (
-    MAX_OUTPUT_CHARS,
-    RENDER_SECONDS,
-    LimitedSandbox,
-    TemplateLimit,
-    render_limited,
-)
+from turbo_batch.sandbox import RENDER_SECONDS, LimitedSandbox, check_output_size, render_limited
 
 # Limits (time per row, rendered size, range(), repetition) live in sandbox.py; every one of them,
 # and any other exception raised while a template renders, ends as that row's TEMPLATE_ERROR.
@@ -164,8 +158,7 @@ class PromptBuilder:
         try:
             if self._user_column is not None:  # what `{{ col }}` renders, limits included
                 user = context[self._user_column]
-                if len(user) > MAX_OUTPUT_CHARS:
-                    raise TemplateLimit(f"rendered prompt is over the limit of {MAX_OUTPUT_CHARS} characters")
+                check_output_size(len(user))
             else:
                 user = render_limited(self._user, context, seconds=seconds)
             which = "prompt.system"
@@ -203,7 +196,7 @@ class PromptBuilder:
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int] | Exception]:
         """Token ids of each text, as `encode` gives them, in one call to a fast tokenizer's Rust core
-        (no offsets: ~30% less CPU than encoding row by row); a text the tokenizer fails on gets its
+        (no offsets, no per-row wrapper: benchmarks/results/render_cpu.md); a text the tokenizer fails on gets its
         exception in its place, and the others their ids."""
         core = getattr(self.tokenizer, "_tokenizer", None)
         batch = getattr(core, "encode_batch_fast", None) or getattr(core, "encode_batch", None)

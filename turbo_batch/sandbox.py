@@ -38,6 +38,12 @@ class TemplateLimit(SecurityError):
     """A template exceeded a rendering limit (time, size, range)."""
 
 
+def check_output_size(chars: int, max_chars: int = MAX_OUTPUT_CHARS) -> None:
+    """Raise TemplateLimit if a rendered text of `chars` characters is over the limit."""
+    if chars > max_chars:
+        raise TemplateLimit(f"rendered prompt is over the limit of {max_chars} characters")
+
+
 class RenderTimeout(BaseException):
     """Raised asynchronously in a rendering thread by the watchdog (BaseException: not swallowed
     by `except Exception` inside Jinja helpers)."""
@@ -195,8 +201,7 @@ def render_limited(
     try:
         for chunk in template.generate(context):
             total += len(chunk)
-            if total > max_chars:
-                raise TemplateLimit(f"rendered prompt is over the limit of {max_chars} characters")
+            check_output_size(total, max_chars)
             parts.append(chunk)
         out = "".join(parts)
     except RenderTimeout:

@@ -2,7 +2,8 @@
 
 Owns: `render_block(block) -> block` — sandboxed Jinja + chat template per row, then one tokenizer call
 for the block's prompt texts (via prompt.py), the labels' first token ids and each row's output
-budget, or an error code per row; one tokenizer per worker process and job. Must not touch: engines, the output dir, the order of rows within a block.
+budget, or an error code per row; one tokenizer per worker process and job. Must not touch: engines,
+the output dir, the order of rows within a block.
 The rendered block's columns are the contract with the driver: row_id, the passthrough columns,
 prompt_ids, label_ids, budget, prompt_tokens, error_code, error_message.
 """
@@ -52,6 +53,11 @@ def _builder(cfg: PromptConfig, tokenizer_path: str, trust_remote_code: bool) ->
     return _BUILDERS[key]
 
 
+def _internal(e: BaseException) -> tuple[str, str]:
+    """A row's error code and message for an unexpected failure while rendering it."""
+    return str(RowError.INTERNAL_ERROR), f"render: {type(e).__name__}: {e}"
+
+
 def render_block(
     block: pa.Table,
     *,
@@ -90,16 +96,18 @@ def render_block(
             except RowProblem as e:
                 codes[i], messages[i] = str(e.code), e.message
             except Exception as e:  # a chat template's failure on odd input must not stop the job
-                codes[i], messages[i] = str(RowError.INTERNAL_ERROR), f"render: {type(e).__name__}: {e}"
+                codes[i], messages[i] = _internal(e)
     classify = cfg.task["type"] == "classify"
     for i, ids in zip(texts, builder.encode_many(list(texts.values())), strict=True):
-        try:  # a tokenizer failure on odd input must not stop the job
-            if isinstance(ids, Exception):
-                raise ids
+        if isinstance(ids, Exception):  # a tokenizer failure on odd input must not stop the job
+            codes[i], messages[i] = _internal(ids)
+            continue
+        try:
             label_ids[i] = builder.label_token_ids(texts[i]) if classify else None
-            prompt_ids[i] = ids
         except Exception as e:
-            codes[i], messages[i] = str(RowError.INTERNAL_ERROR), f"render: {type(e).__name__}: {e}"
+            codes[i], messages[i] = _internal(e)
+            continue
+        prompt_ids[i] = ids
     budgets: list[int | None] = []
     for ids, labels, override in zip(prompt_ids, label_ids, overrides, strict=True):
         if ids is None:
