@@ -160,6 +160,8 @@ def main() -> None:
         from bench.batch_merge import merge
 
         data = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        # a merge is read anew: the parts' notes describe the parts
+        data["note"] = args.note or data["note"]
         out = Path(args.results_dir) / f"batch_{data['preset']}.json"
         write_results(out, data)
         if PRESETS.get(data["preset"], {}).get("kind") == "generate":

@@ -292,6 +292,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.merge:
         data = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        # a merge is read anew: the halves' notes describe the halves
+        data["note"] = args.note or data["note"]
         out = Path(args.results_dir) / f"prefix_{data['preset']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -90,9 +90,13 @@ def test_prefix_pair_halves_merge_into_one_result():
     raw["runs"], raw["checks"] = [r for r in d["runs"] if r["variant"] != "turbo"], {}
     turbo["runs"] = [r for r in d["runs"] if r["variant"] == "turbo"]
     turbo["settings"]["engine_args"]["model"] = "/root/bb-model-1"  # one model folder per GPU
+    raw["checks"] = {"ray_data_llm": {"rows_out": 10, "agree_with_raw_pct": 99.9}}  # raw beside it here
+    turbo["checks"] = {**turbo["checks"], "ray_data_llm": {"rows_out": 10, "unparsed_labels": 0}}  # not here
     m = merge([raw, turbo])
     for k in ("turbo_rows_s", "raw_shuffled_rows_s", "raw_grouped_rows_s", "turbo_over_raw_grouped"):
         assert m[k] == d[k]
+    # a half without raw vLLM has no agreement figure: the one from the half that had it is kept
+    assert m["checks"]["ray_data_llm"] == {"rows_out": 10, "agree_with_raw_pct": 99.9, "unparsed_labels": 0}
     others = sorted({r["variant"] for r in d["runs"]} - {"turbo"})
     assert m["pair"] == [others, ["turbo"]] and "| " in markdown(m)
     turbo["settings"]["rows"] += 1
@@ -231,20 +235,34 @@ def test_batch_runs_from_several_processes_merge_into_medians():
 
     import pytest
     from bench.batch_merge import merge
+    from bench.report_md import markdown
 
     d = json.loads((REPO / "benchmarks" / "results" / "batch_gpu-unique-15k.json").read_text())
+    d.pop("merged_from", None)
     parts = []
-    for raw, turbo in ((222.1, 226.4), (220.0, 230.0), (225.0, 221.0)):
+    for i, (raw, turbo, cpu) in enumerate(((222.1, 226.4, 1.54), (220.0, 230.0, 0.9), (225.0, 221.0, 0.68))):
         p = copy.deepcopy(d)
+        p["machine"]["cpu_count"] = (32, 32, 16)[i]  # a part from a smaller host
         for v, x in (("raw", raw), ("turbo", turbo)):
             p["results"][v]["rows_per_s"] = x
-            p["results"][v]["runs"][0]["rows_per_s"] = x
+            # one run per part, as an older file has it: no per-run host CPU beside the run's record
+            p["results"][v]["runs"] = [{"run": 1, "rows_per_s": x, "timed_s": 66.0}]
+        p["results"]["turbo"]["host_cpu"]["cpu_s_per_1k_rows_excl_engine"] = cpu
         parts.append(p)
     m = merge(parts)
     assert [r["rows_per_s"] for r in m["results"]["raw"]["runs"]] == [222.1, 220.0, 225.0]
     assert m["results"]["raw"]["rows_per_s"] == 222.1 and m["results"]["turbo"]["rows_per_s"] == 226.4
     assert m["results"]["turbo"]["median_of"] == 3
-    assert m["results"]["turbo"]["host_cpu"]  # the median run's whole record
+    assert (
+        m["results"]["turbo"]["host_cpu"]["cpu_s_per_1k_rows_excl_engine"] == 1.54
+    )  # the median run's record
+    # ... and every run keeps its own host CPU and its host's size, which the median's record would hide
+    turbo_runs = m["results"]["turbo"]["runs"]
+    assert [r["host_cpu_excl_engine"] for r in turbo_runs] == [1.54, 0.9, 0.68]
+    assert [r["host_cores"] for r in turbo_runs] == [32, 32, 16]
+    md = markdown(m)
+    assert "Merged from 3 results files" in md and "16-core host" in md
+    assert "1.54 (part 1, 226.40 rows/s), 0.90 (part 2, 230.00 rows/s), 0.68 (part 3, 221.00 rows/s)" in md
     assert m["headline"]["ratio"] == pytest.approx(226.4 / 222.1)
     other = copy.deepcopy(d)
     other["plan"]["rows"] = 5000

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import lower_median
-from .report import RUN_KEYS, headline
+from .report import headline, run_summary
 
 
 def _same(d: dict[str, Any]) -> dict[str, Any]:
@@ -33,9 +33,14 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {}
     full: dict[tuple[int, str, int], dict[str, Any]] = {}  # (part, variant, run) -> the part's whole record
     for i, d in enumerate(parts):
+        cores = (d.get("machine") or {}).get("cpu_count")  # parts may come from hosts of other sizes
         for v, rec in d["results"].items():
-            for r in rec.get("runs") or [{k: rec.get(k) for k in RUN_KEYS}]:
-                runs.setdefault(v, []).append({**{k: r.get(k) for k in RUN_KEYS}, "part": i + 1})
+            rs = rec.get("runs") or [rec]
+            for r in rs:
+                one = run_summary(r)
+                if one["host_cpu_excl_engine"] is None and (len(rs) == 1 or r.get("run") == rec.get("run")):
+                    one["host_cpu_excl_engine"] = run_summary(rec)["host_cpu_excl_engine"]  # older files
+                runs.setdefault(v, []).append({**one, "part": i + 1, "host_cores": cores})
             full[(i + 1, v, rec.get("run") or 1)] = rec
     results: dict[str, Any] = {}
     for v, rs in runs.items():
@@ -53,7 +58,13 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "date": d0["date"],
         "git": d0["git"],
         "merged_from": [
-            {"date": d["date"], "git": d["git"], "variants": sorted(d["results"])} for d in parts
+            {
+                "date": d["date"],
+                "git": d["git"],
+                "variants": sorted(d["results"]),
+                "host_cores": (d.get("machine") or {}).get("cpu_count"),
+            }
+            for d in parts
         ],
         "bench_wall_s": max(d.get("bench_wall_s") or 0 for d in parts),
         "loadavg_start": d0.get("loadavg_start"),

@@ -62,7 +62,12 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         raise SystemExit("--merge: the halves ran different settings")
     plan = {"preset": parts[0]["preset"], **parts[0]["settings"]}
     runs = [r | {"half": i} for i, d in enumerate(parts) for r in d["runs"]]
-    checks = {k: v for d in parts for k, v in d["checks"].items()}
+    checks: dict[str, Any] = {}
+    # earlier halves win; later ones fill in what they lack (a half without raw vLLM has no agreement)
+    for d in parts:
+        for k, v in d["checks"].items():
+            both = isinstance(v, dict) and isinstance(checks.get(k), dict)
+            checks[k] = v | checks[k] if both else checks.get(k, v)
     data = results(plan, parts[0]["machine"], runs, checks, [x for d in parts for x in d["skipped"]], 0.0)
     data |= {
         "date": parts[0]["date"],

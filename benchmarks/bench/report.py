@@ -73,14 +73,23 @@ def agreement(workdir: Path, variant: str, plan: dict[str, Any]) -> dict[str, An
     return res
 
 
-RUN_KEYS = ("run", "rows_per_s", "timed_s", "engine_start_s", "load1_during")  # each run's summary
+RUN_KEYS = ("run", "rows_per_s", "timed_s", "engine_start_s", "load1_during", "host_cpu_excl_engine")
+
+
+def run_summary(r: dict[str, Any]) -> dict[str, Any]:
+    """One run's summary kept beside the median run's whole record: its rows/s and window, and its own
+    host CPU (turbo-batch's, engines excluded), which the median run's record would otherwise hide."""
+    out = {k: r.get(k) for k in RUN_KEYS}
+    if out["host_cpu_excl_engine"] is None:
+        out["host_cpu_excl_engine"] = (r.get("host_cpu") or {}).get("cpu_s_per_1k_rows_excl_engine")
+    return out
 
 
 def median_result(rs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median run's whole record (by rows/s), with every run's summary under "runs"."""
     ok = [r for r in rs if r.get("rows_per_s")]
     pick = dict(lower_median(ok, key=lambda r: r["rows_per_s"]) if ok else rs[-1])
-    pick["runs"] = [{k: r.get(k) for k in RUN_KEYS} for r in rs]
+    pick["runs"] = [run_summary(r) for r in rs]
     return pick
 
 
@@ -137,6 +146,7 @@ def write_generate_summary(results_dir: Path, family: str) -> Path | None:
             "prompt_tokens_mean": p["prompt_tokens"]["mean"],
             "max_tokens": p["sampling"]["max_tokens"],
             "timed_s": {v: r.get("timed_s") for v, r in res.items()},
+            "runs_rows_s": {v: [x.get("rows_per_s") for x in r.get("runs") or []] for v, r in res.items()},
             "same_text_as_raw_pct": ((res.get("turbo") or {}).get("check") or {}).get("same_text_as_raw_pct"),
             "machine": {k: d["machine"].get(k) for k in ("gpu", "gpu_count", "cpu", "cpu_count", "versions")},
         }

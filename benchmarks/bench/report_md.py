@@ -107,9 +107,11 @@ def markdown(d: dict[str, Any]) -> str:
             f"{fmt(r.get('process_wall_s'), 1)} | {_check(v, r)} | {fmt(load.get('mean'))} / {fmt(load.get('max'))} |"
         )
     if d.get("repeat", 1) > 1:
-        lines += ["", f"Each variant ran {d['repeat']} times, alternating; the table shows the median run. All runs, "
-                  "rows/s: " + "; ".join(f"{v} " + ", ".join(fmt(x.get("rows_per_s")) for x in d["results"][v]["runs"])
-                                         for v in d["variants"] if v in d["results"]) + "."]  # fmt: skip
+        how = "in several processes (below)" if d.get("merged_from") else "alternating"
+        lines += ["", f"Each variant ran up to {d['repeat']} times, {how}; the table shows the (lower) median run. "
+                  "All runs, rows/s: " + "; ".join(f"{v} " + ", ".join(fmt(x.get("rows_per_s")) for x in d["results"][v]["runs"])
+                                                   for v in d["variants"] if v in d["results"]) + "."]  # fmt: skip
+    lines += _merged_lines(d)
     for v, msg in (d.get("errors") or {}).items():
         lines += ["", f"**{v} failed**: `{msg.splitlines()[0][:300]}` (its log is in the work dir)."]
     raw = d["results"].get("raw")
@@ -165,6 +167,23 @@ def markdown(d: dict[str, Any]) -> str:
     if d.get("note"):
         lines += ["", "## Reading", "", d["note"]]
     return "\n".join(lines) + "\n"
+
+
+def _merged_lines(d: dict[str, Any]) -> list[str]:
+    """A merged file (bench_batch.py --merge): its parts, and turbo-batch's host CPU run by run (the
+    detail below is the median run's only, which may be an older part's)."""
+    parts = d.get("merged_from") or []
+    if not parts:
+        return []
+    out = ["", f"Merged from {len(parts)} results files (`bench_batch.py --merge`): " + "; ".join(
+        f"part {i} {p['date']}, turbo-batch {p['git']}, {p.get('host_cores') or '?'}-core host, "
+        f"{', '.join(p['variants'])}" for i, p in enumerate(parts, start=1)) + "."]  # fmt: skip
+    runs = ((d.get("results") or {}).get("turbo") or {}).get("runs") or []
+    if any(r.get("host_cpu_excl_engine") is not None for r in runs):
+        out.append("turbo-batch's host CPU in each run's timed window, engines excluded, CPU-s per 1,000 rows: "
+                   + ", ".join(f"{fmt(r.get('host_cpu_excl_engine'))} (part {r.get('part', '?')}, "
+                               f"{fmt(r.get('rows_per_s'))} rows/s)" for r in runs) + ".")  # fmt: skip
+    return out
 
 
 def host_cpu_lines(h: dict[str, Any] | None) -> list[str]:
