@@ -18,6 +18,7 @@ from typing import Any
 from jinja2 import TemplateSyntaxError, meta
 
 from turbo_batch.errors import RowError
+from turbo_batch.hf_tokenizer import load_tokenizer  # noqa: F401  (the loader jobs and serve use)
 from turbo_batch.sandbox import RENDER_SECONDS, LimitedSandbox, check_output_size, render_limited
 
 # Limits (time per row, rendered size, range(), repetition) live in sandbox.py; every one of them,
@@ -295,10 +296,3 @@ def first_label_tokens(tokenizer: Any, suffix: str, labels: Sequence[str], chat:
         else:
             firsts.append(full[k])
     return firsts if len(set(firsts)) == len(firsts) else None
-
-
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
