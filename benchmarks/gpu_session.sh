@@ -116,6 +116,7 @@ case "${1:-}" in
     # usage: gpu_session.sh pair "prefix" "serve-parity"   (a case may carry its argument: "batch-all gen";
     # "A+B" runs A then B on that GPU). Both halves stop at PAIR_S seconds (default 560) so the tarballs
     # are packed before the device command's own 600 s limit; results written by then come back.
+    # On a one-GPU nvidia-h200: gpu_session.sh pair "prefix" "" (GPU 0 only, the same guard and tarball).
     pids=()
     rm -rf /tmp/pair-0 /tmp/pair-1
     for gpu in 0 1; do
