@@ -79,7 +79,10 @@ def _stat(f: Path) -> list[int] | None:
 
 def cached_class(path: str, trust_remote_code: bool = False) -> TokenizerClass | None:
     """The class AutoTokenizer gave this folder (as it is now, under this transformers), if recorded."""
-    f = cache_file(path, trust_remote_code)
+    return _read(cache_file(path, trust_remote_code))
+
+
+def _read(f: Path | None) -> TokenizerClass | None:
     try:
         return TokenizerClass(**json.loads(f.read_text())) if f is not None else None
     except (OSError, ValueError, TypeError):
@@ -107,8 +110,8 @@ def auto_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer AutoTokenizer gives `path`: through the class it gave before, where recorded."""
-    f = cache_file(path, trust_remote_code)
-    known = cached_class(path, trust_remote_code) if f is not None else None
+    f = cache_file(path, trust_remote_code)  # stats the folder's files: once per load
+    known = _read(f)
     if known is not None:
         try:
             klass = getattr(importlib.import_module(known.module), known.name)
