@@ -20,12 +20,11 @@ import hashlib
 import importlib
 import importlib.metadata as md
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from turbo_batch.paths import cache_dir, expand
+from turbo_batch.paths import cache_dir, expand, write_cached
 
 CACHE = "tokenizer-classes"
 # what AutoTokenizer reads to pick a class (tokenizer_config.json, config.json) and to build it
@@ -92,13 +91,7 @@ def _read(f: Path | None) -> TokenizerClass | None:
 def _remember(f: Path, cls: type) -> None:
     if not cls.__module__.startswith("transformers."):
         return  # a class from remote code or a plugin: AutoTokenizer every time
-    try:  # written whole or not at all: a reader never sees half a file
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(TokenizerClass(cls.__module__, cls.__qualname__))))
-        os.replace(tmp, f)
-    except OSError:
-        pass
+    write_cached(f, json.dumps(asdict(TokenizerClass(cls.__module__, cls.__qualname__))))
 
 
 def auto_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

@@ -1,7 +1,8 @@
 """Paths, in one place: the project cache, `~`/`${VAR}` expansion, and "is this a local model dir".
 
-Owns: `cache_dir()` ($TURBO_BATCH_CACHE or ~/.cache/turbo-batch), `expand()`, `is_local_path()`,
-`check_local_model()`, `same_path()`. Must not touch: the network, Ray, vLLM, or any file's contents.
+Owns: `cache_dir()` ($TURBO_BATCH_CACHE or ~/.cache/turbo-batch) and `write_cached()` (a small file
+in it, written whole or not at all), `expand()`, `is_local_path()`, `check_local_model()`,
+`same_path()`. Must not touch: the network, Ray, vLLM, or the contents of any file outside the cache.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ def cache_dir() -> Path:
     """The cache root for demo assets and test models: `$TURBO_BATCH_CACHE`, else ~/.cache/turbo-batch."""
     env = os.environ.get("TURBO_BATCH_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "turbo-batch"
+
+
+def write_cached(path: Path, text: str) -> None:
+    """Write a small cache file whole or not at all (a reader never sees half of it: a temporary file,
+    then a rename); best effort: a cache that cannot be written is skipped, never an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def expand(value: Any) -> Any:

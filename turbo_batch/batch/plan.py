@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from turbo_batch.batch.identity import fingerprint as resume_fingerprint
 from turbo_batch.batch.preflight_render import needed_columns
 from turbo_batch.batch.read import Unit, _hf_table, _jsonl_rows, discover, input_columns, plan_units, read_ids
 from turbo_batch.errors import JobError, SpecError
-from turbo_batch.paths import cache_dir, check_local_model
+from turbo_batch.paths import cache_dir, check_local_model, write_cached
 from turbo_batch.spec import ClassifyTask, JobSpec, resolve_output_dir
 
 
@@ -77,13 +76,7 @@ def vllm_engine_keys() -> frozenset[str] | None:
 
     keys = sorted(f.name for f in dataclasses.fields(AsyncEngineArgs))
     if cache is not None:
-        try:  # written whole or not at all: a reader never sees half a list
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(keys))
-            os.replace(tmp, cache)
-        except OSError:
-            pass
+        write_cached(cache, json.dumps(keys))
     return frozenset(keys)
 
 
