@@ -268,3 +268,44 @@ def test_batch_runs_from_several_processes_merge_into_medians():
     other["plan"]["rows"] = 5000
     with pytest.raises(SystemExit, match="part 2 ran different settings"):
         merge([d, other])
+
+
+def test_batch_merge_headline_pairs_runs_of_one_part(tmp_path):
+    """The merged headline is the median of turbo / raw of runs made back to back in one part, not the
+    ratio of the medians (the GPU's pace moves between device commands); generate_gpu.json carries it
+    and keeps what a person added to an entry."""
+    import copy
+    import json
+
+    import pytest
+    from bench.batch_merge import merge
+    from bench.report import write_generate_summary
+    from bench.report_md import markdown
+
+    d = json.loads((REPO / "benchmarks" / "results" / "batch_gpu-gen-10.json").read_text())
+    d.pop("merged_from", None)
+    parts = []
+    for raw, turbo in ((220.0, 210.0), (200.0, 230.0), (240.0, 250.0)):
+        p = copy.deepcopy(d)
+        for v, x in (("raw", raw), ("turbo", turbo)):
+            p["results"][v]["rows_per_s"] = x
+            p["results"][v]["runs"] = [{"run": 1, "rows_per_s": x, "timed_s": 66.0}]
+        parts.append(p)
+    only_raw = copy.deepcopy(parts[0])  # a part without turbo pairs with nothing
+    del only_raw["results"]["turbo"]
+    m = merge([*parts, only_raw])
+    h = m["headline"]
+    assert h["paired_ratios"] == pytest.approx([210 / 220, 230 / 200, 250 / 240])
+    assert h["ratio"] == pytest.approx(250 / 240)  # the median pair
+    assert h["ratio_of_medians"] == pytest.approx(230 / 220)
+    assert "median of 3 ratios of runs made back to back" in markdown(m)
+    # a merged file merged again keeps its parts apart: the same pairs, parts and sources
+    again = merge([merge(parts[:2]), parts[2]])
+    assert again["headline"]["paired_ratios"] == pytest.approx(h["paired_ratios"])
+    assert [r["part"] for r in again["results"]["turbo"]["runs"]] == [1, 2, 3]
+    assert len(again["merged_from"]) == 3 and again["results"]["turbo"]["rows_per_s"] == 230.0
+    (tmp_path / "batch_gpu-gen-10.json").write_text(json.dumps(m))
+    (tmp_path / "generate_gpu.json").write_text(json.dumps({"gen-10": {"session": "s.md", "ratio": 9}}))
+    out = json.loads(write_generate_summary(tmp_path, "gpu").read_text())
+    assert out["gen-10"]["ratio"] == pytest.approx(250 / 240) and out["gen-10"]["session"] == "s.md"
+    assert out["gen-10"]["paired_ratios"] == pytest.approx(h["paired_ratios"])

@@ -2,8 +2,10 @@
 
 A GPU half holds a 10-minute command: three alternating runs of every variant rarely fit one, so the
 runs of one preset are spread over halves and device commands (the same rows, token ids, sampling and
-engine args; pair runs at the same time on two GPUs of one host) and merged here into medians. Owns
-nothing else; refuses parts whose preset, rows or engine differ.
+engine args; pair runs at the same time on two GPUs of one host) and merged here into medians. The
+headline is the median of the turbo / baseline ratios of runs made back to back within one part (the
+GPU's pace moves between device commands); the ratio of the medians is kept beside it. Owns nothing
+else; refuses parts whose preset, rows or engine differ.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import lower_median
-from .report import headline, run_summary
+from .report import baseline, headline, run_summary
 
 
 def _same(d: dict[str, Any]) -> dict[str, Any]:
@@ -20,6 +22,15 @@ def _same(d: dict[str, Any]) -> dict[str, Any]:
     engine = {k: v for k, v in (p.get("engine_args") or {}).items() if k != "model"}
     keep = ("kind", "rows", "prompt_tokens", "labels", "max_tokens")
     return {"preset": d["preset"], "engine_args": engine} | {k: p.get(k) for k in keep}
+
+
+def _source(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "date": d["date"],
+        "git": d["git"],
+        "variants": sorted(d["results"]),
+        "host_cores": (d.get("machine") or {}).get("cpu_count"),
+    }
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -32,23 +43,33 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             raise SystemExit(f"--merge: part {i} ran different settings ({', '.join(diff)})")
     runs: dict[str, list[dict[str, Any]]] = {}
     full: dict[tuple[int, str, int], dict[str, Any]] = {}  # (part, variant, run) -> the part's whole record
-    for i, d in enumerate(parts):
+    sources: list[dict[str, Any]] = []  # one per part; a merged file brings its own parts
+    for d in parts:
         cores = (d.get("machine") or {}).get("cpu_count")  # parts may come from hosts of other sizes
+        offset = len(sources)
+        sources += d.get("merged_from") or [_source(d)]
         for v, rec in d["results"].items():
             rs = rec.get("runs") or [rec]
             for r in rs:
                 one = run_summary(r)
                 if one["host_cpu_excl_engine"] is None and (len(rs) == 1 or r.get("run") == rec.get("run")):
                     one["host_cpu_excl_engine"] = run_summary(rec)["host_cpu_excl_engine"]  # older files
-                runs.setdefault(v, []).append({**one, "part": i + 1, "host_cores": cores})
-            full[(i + 1, v, rec.get("run") or 1)] = rec
+                part = offset + (r.get("part") or 1 if d.get("merged_from") else 1)
+                runs.setdefault(v, []).append(
+                    {**one, "part": part, "host_cores": r.get("host_cores") or cores}
+                )
+            # the record is its file's median run: in a merged file, that of the part whose run it is
+            own = next((r for r in rs if r.get("rows_per_s") == rec.get("rows_per_s")), {})
+            part = offset + (own.get("part") or 1 if d.get("merged_from") else 1)
+            full[(part, v, own.get("run") or rec.get("run") or 1)] = rec
     results: dict[str, Any] = {}
     for v, rs in runs.items():
         ok = [r for r in rs if r.get("rows_per_s")]
         mid = lower_median(ok, key=lambda r: r["rows_per_s"]) if ok else rs[-1]
         rec = full.get((mid["part"], v, mid.get("run") or 1))
         if rec is None:  # a part's non-median run: only its summary fields were kept
-            rec = {**next(r for (p, vv, _), r in full.items() if p == mid["part"] and vv == v), **mid}
+            same = [r for (p, vv, _), r in full.items() if vv == v and p == mid["part"]]
+            rec = {**(same or [r for (_, vv, _), r in full.items() if vv == v])[0], **mid}
             rec["detail_from"] = "its part's median run (host CPU, checks); rows/s and window its own"
         results[v] = {**rec, "rows_per_s": mid["rows_per_s"], "timed_s": mid.get("timed_s"), "runs": rs}
         results[v]["median_of"] = len(ok)
@@ -57,15 +78,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     data |= {
         "date": d0["date"],
         "git": d0["git"],
-        "merged_from": [
-            {
-                "date": d["date"],
-                "git": d["git"],
-                "variants": sorted(d["results"]),
-                "host_cores": (d.get("machine") or {}).get("cpu_count"),
-            }
-            for d in parts
-        ],
+        "merged_from": sources,
         "bench_wall_s": max(d.get("bench_wall_s") or 0 for d in parts),
         "loadavg_start": d0.get("loadavg_start"),
         "loadavg_end": parts[-1].get("loadavg_end"),
@@ -76,6 +89,14 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "note": " ".join(filter(None, (d.get("note") for d in parts))) or None,
         "variants": sorted(results),
     }
-    # no per-run pairs: runs of different parts are not each other's neighbours in time
-    data["headline"] = headline(d0["plan"]["kind"], results, {})
+    # pairs only within a part: runs of one part ran back to back on one machine, other parts' did not
+    kind = d0["plan"]["kind"]
+    base = baseline(kind, results)
+    pairs = []
+    for i in range(1, len(sources) + 1):
+        mine = {
+            v: [r for r in runs.get(v, []) if r["part"] == i and r.get("rows_per_s")] for v in ("turbo", base)
+        }
+        pairs += [a["rows_per_s"] / b["rows_per_s"] for a, b in zip(mine["turbo"], mine[base], strict=False)]
+    data["headline"] = headline(kind, results, {}, pairs=pairs)
     return data
