@@ -61,6 +61,7 @@ from bench.common import (  # noqa: F401
     synthetic_rows,
     words,
 )
+from bench.gpumeter import GpuMeter
 from bench.prepare import job_dict, prepare  # noqa: F401
 from bench.presets import PRESETS, VARIANTS
 from bench.report import agreement, headline, median_result, table, write_generate_summary, write_results
@@ -74,7 +75,8 @@ def run_all(
     args, presets, dirs, plans, variants, info, on_run=lambda runs: None
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Every variant of every preset, `repeat` times: raw engines first (one per group of presets with
-    equal engine args), then turbo-batch per preset, then ray.data.llm per preset."""
+    equal engine args), then turbo-batch per preset, then ray.data.llm per preset (`--first turbo`:
+    those two before the raw engines; `alternate`: every other repeat)."""
     runs: dict[str, dict[str, list]] = {p: {v: [] for v in variants[p]} for p in presets}
     errors: dict[str, dict[str, str]] = {p: {} for p in presets}
     groups: dict[str, list[str]] = {}
@@ -85,17 +87,20 @@ def run_all(
             (dirs[p] / "plan.json").write_text(json.dumps(plans[p], indent=2, default=str))
             groups.setdefault(json.dumps(plans[p]["engine_args"], sort_keys=True), []).append(p)
     root = Path(args.workdir_root)
+    gpu = getattr(args, "gpu", None)
 
     def record(p: str, v: str, r: dict[str, Any], la, load, i: int) -> None:
         r.update(
             loadavg_before=la, load1_during=load.stats(), run=i + 1, check=agreement(dirs[p], v, plans[p])
         )
+        if gpu is not None and r.get("window"):
+            r["gpu"] = gpu.between(*r["window"])
         runs[p][v].append(r)
         log(f"{p} {v}: {fmt(r['rows_per_s'])} rows/s over {fmt(r['timed_s'])} s")
         args.errors = errors
         on_run(runs)
 
-    for i in range(args.repeat):
+    def run_raw(i: int) -> None:
         for group in groups.values():
             la = os.getloadavg()
             log(f"raw ({', '.join(group)}): run {i + 1}/{args.repeat} (load {la[0]:.2f})")
@@ -110,6 +115,8 @@ def run_all(
                 continue
             for r in results:
                 record(r.pop("preset"), r["variant"], {**r, "process_wall_s": wall}, la, load, i)
+
+    def run_others(i: int) -> None:
         for v in ("turbo", "ray_data_llm"):
             for p in presets:
                 if v not in variants[p]:
@@ -129,6 +136,12 @@ def run_all(
                     log(f"{p} {v}: FAILED: {errors[p][v]}")
                     continue
                 record(p, v, r, la, load, i)
+
+    for i in range(args.repeat):
+        # --first turbo: turbo-batch (and ray.data.llm) before raw vLLM; alternate: swap every repeat
+        turbo_first = args.first == "turbo" or (args.first == "alternate" and i % 2 == 1)
+        for step in (run_others, run_raw) if turbo_first else (run_raw, run_others):
+            step(i)
     args.errors = errors
     return runs
 
@@ -150,6 +163,12 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None, help="gpu presets: where to build the random model")
     ap.add_argument("--dry-run", action="store_true", help="build rows, job and prompts; run no engine")
     ap.add_argument("--repeat", type=int, default=1, help="run the variant sequence N times; report medians")
+    ap.add_argument(
+        "--first",
+        choices=("raw", "turbo", "alternate"),
+        default="raw",
+        help="which runs first in each repeat: raw vLLM, turbo-batch (and ray.data.llm), or alternate",
+    )
     ap.add_argument("--copy-logs", action="store_true", help="copy the variants' logs next to the results")
     ap.add_argument("--note", default=None, help="a reading of the numbers, stored in the results files")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
@@ -276,7 +295,12 @@ def main() -> None:
         return outs
 
     results_dir = Path(args.results_dir)
-    runs = run_all(args, presets, dirs, plans, variants, info, on_run=lambda r: write_all(r, final=False))
+    args.gpu = GpuMeter().start() if info.get("gpu") else None  # the GPU's clock and power per window
+    try:
+        runs = run_all(args, presets, dirs, plans, variants, info, on_run=lambda r: write_all(r, final=False))
+    finally:
+        if args.gpu is not None:
+            args.gpu.stop()
     outs = write_all(runs, final=True)
     print(f"bench wall {time.perf_counter() - t_all:.1f} s; results: " + ", ".join(str(o) for o in outs))
 

@@ -24,12 +24,14 @@ TOK=${TOK:-benchmarks/tok}
 # dominate per-row overheads as in a 31B (e.g. STANDIN=9b PREFIX_ARGS="--kv-gib 16": ~52 documents of KV)
 export BENCH_STANDIN=${STANDIN:-1.2b}
 BB_MODEL=${BB_MODEL:-/root/bb-model-$(basename "$TOK")$([ "$BENCH_STANDIN" = 1.2b ] || echo "-$BENCH_STANDIN")}
-GEN_ROWS=${GEN_ROWS:-}  # batch-all gen: rows per preset (default: the presets' 1,200 / 4,000)
+GEN_ROWS=${GEN_ROWS:-}  # batch-all gen*: rows per preset (default: the presets' 1,200 / 4,000; the results files hold 5,000 / 14,000)
 LABEL_ROWS=${LABEL_ROWS:-}  # batch-all labels: rows (default: the preset's 3,600)
 LABEL_VARIANTS=${LABEL_VARIANTS:-}  # batch-all labels*: e.g. turbo,ray_data_llm (default: the preset's four)
 BATCH_VARIANTS=${BATCH_VARIANTS:-}  # batch-all unique/gen*: e.g. turbo (default: the part's)
 BATCH_REPEAT=${BATCH_REPEAT:-1}  # batch-all: runs of each variant in this command (bench_batch.py --merge
                                  # combines the runs of several commands or GPU halves into medians)
+BATCH_FIRST=${BATCH_FIRST:-raw}  # batch-all: raw | turbo | alternate: which runs first (alternate it across
+                                 # commands: the GPU's pace drifts within a lease)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
   checks)
@@ -90,7 +92,7 @@ case "${1:-}" in
           export TURBO_BATCH_CACHE=/root/tbcache ;;
         *) echo "batch-all parts: unique gen gen200 gen10 labels labels-smollm2" >&2; exit 2 ;;
       esac
-      timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --repeat "$BATCH_REPEAT" --workdir "/root/bb-$part" \
+      timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --repeat "$BATCH_REPEAT" --first "$BATCH_FIRST" --workdir "/root/bb-$part" \
         --model-dir "$BB_MODEL" --tok "$TOK" --results-dir "$OUT" --copy-logs --timeout 400 > "$OUT/batch_$part.log" 2>&1
       echo "batch-all $part rc=$?"; tail -25 "$OUT/batch_$part.log"
     done

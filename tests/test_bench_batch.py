@@ -66,3 +66,42 @@ def test_generate_summary_gathers_both_presets(tmp_path):
     out = json.loads(write_generate_summary(tmp_path, "gpu").read_text())
     assert out["gen-200"]["raw_rows_s"] == 60.0 and out["gen-200"]["turbo_rows_s"] == 59.0
     assert abs(out["gen-200"]["ratio"] - 59 / 60) < 1e-9 and abs(out["gen-10"]["ratio"] - 1.05) < 1e-9
+
+
+def test_first_sets_which_variant_runs_first(tmp_path, monkeypatch):
+    """--first raw | turbo | alternate: the order of raw vLLM and turbo-batch within each repeat (the
+    GPU's pace drifts within a lease, so commands alternate which goes first); every run gets the GPU
+    samples of its own window."""
+    import argparse
+
+    import bench.turbo
+    import bench_batch
+
+    order: list[str] = []
+
+    def fake_raw(root, what, args, timeout):
+        order.append("raw")
+        return [
+            {"preset": "p", "variant": "raw", "rows_per_s": 1.0, "timed_s": 1.0, "window": [1.0, 2.0]}
+        ], 1.0
+
+    def fake_turbo(workdir, plan):
+        order.append("turbo")
+        return {"variant": "turbo", "rows_per_s": 1.0, "timed_s": 1.0, "window": [3.0, 4.0]}
+
+    class Gpu:
+        def between(self, t0, t1):
+            return {"window": [t0, t1]}
+
+    monkeypatch.setattr(bench_batch, "run_child_all", fake_raw)
+    monkeypatch.setattr(bench.turbo, "run_turbo", fake_turbo)
+    monkeypatch.setattr(bench_batch, "agreement", lambda *a: {})
+    monkeypatch.setattr(bench_batch, "log", lambda *a: None)
+    dirs, plans = {"p": tmp_path}, {"p": {"engine_args": {}}}
+    for first, want in (("raw", ["raw", "turbo"] * 2), ("turbo", ["turbo", "raw"] * 2),
+                        ("alternate", ["raw", "turbo", "turbo", "raw"])):  # fmt: skip
+        order.clear()
+        args = argparse.Namespace(repeat=2, first=first, workdir_root=str(tmp_path), timeout=1, gpu=Gpu())
+        runs = bench_batch.run_all(args, ["p"], dirs, plans, {"p": ["raw", "turbo"]}, {})
+        assert order == want, first
+        assert [r["gpu"]["window"] for r in runs["p"]["turbo"]] == [[3.0, 4.0]] * 2

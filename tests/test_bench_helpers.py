@@ -309,3 +309,45 @@ def test_batch_merge_headline_pairs_runs_of_one_part(tmp_path):
     out = json.loads(write_generate_summary(tmp_path, "gpu").read_text())
     assert out["gen-10"]["ratio"] == pytest.approx(250 / 240) and out["gen-10"]["session"] == "s.md"
     assert out["gen-10"]["paired_ratios"] == pytest.approx(h["paired_ratios"])
+
+
+def test_gpu_samples_summarise_a_window():
+    """bench/gpumeter.py: nvidia-smi's csv lines -> clock, power and time at the power cap in a window;
+    unreadable lines are skipped; without nvidia-smi the meter is a no-op."""
+    from bench.gpumeter import GpuMeter, parse_line, summarise
+
+    assert parse_line("1980, 612.5, 55, 97, 0x0000000000000004") == (1980.0, 612.5, 55.0, 97.0, 4)
+    assert parse_line("[N/A], 612.5, 55, 97, 0x0") is None and parse_line("garbage") is None
+    samples = [(t, parse_line(x)) for t, x in enumerate(
+        ["1980, 600, 50, 99, 0x0", "1700, 700, 60, 99, 0x4", "1500, 700, 70, 99, 0x24", "345, 80, 40, 0, 0x1"])]  # fmt: skip
+    s = summarise(samples[:3])
+    assert s["samples"] == 3 and s["sm_mhz_mean"] == 1727 and s["sm_mhz_min"] == 1500
+    assert s["power_capped_pct"] == 66.7 and s["thermal_pct"] == 33.3 and s["temp_c_max"] == 70
+    m = GpuMeter()
+    m.samples = samples
+    assert m.between(1, 2)["samples"] == 2 and m.between(10, 20) is None
+
+
+def test_results_show_each_runs_engine_load_and_gpu():
+    """report_md.window_lines: a run's scheduler load and GPU samples, where it has them."""
+    from bench.report_md import window_lines
+
+    load = {"running_mean": 121.3, "max_num_seqs": 128, "waiting_mean": 80.5, "full_steps_pct": 90.1,
+            "starved_steps_pct": 2.0, "steps_per_s": 95.2}  # fmt: skip
+    gpu = {
+        "sm_mhz_mean": 1700,
+        "sm_mhz_min": 1400,
+        "power_w_mean": 690.0,
+        "temp_c_max": 71,
+        "power_capped_pct": 88.0,
+    }
+    d = {"variants": ["raw", "turbo"], "results": {
+        "raw": {"runs": [{"run": 1, "rows_per_s": 60.2, "engine_load": load, "gpu": gpu}]},
+        "turbo": {"runs": [{"run": 1, "rows_per_s": 51.8, "part": 2}]}}}  # fmt: skip
+    lines = window_lines(d)
+    assert any(
+        "| raw | 1 | 60.20 | 121.3 of 128 | 80.5 | 90.1% / 2% | 95.2 | 1700 (1400) | 690 | 71 | 88% |" in x
+        for x in lines
+    )
+    assert not any("| turbo |" in x for x in lines)  # nothing recorded: no row
+    assert window_lines({"variants": ["raw"], "results": {"raw": {"runs": [{"run": 1}]}}}) == []

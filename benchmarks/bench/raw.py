@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from turbo_batch.engine.load import LoadMeter
+from turbo_batch.engine.load import window as load_window
+
 from .common import emit, label_of, load_plan, log, read_rendered, same_niceness_as_ray, write_outputs
 
 
@@ -60,6 +63,27 @@ def _parse(plan: dict[str, Any], mode: str, label_ids: list[int], row_id: Any, o
     return {**res, "label": label, "probs": probs}
 
 
+def _attach_load_meter(llm: Any) -> LoadMeter | None:
+    """turbo-batch's engine load meter (turbo_batch/engine/load.py) on an `LLM`, whose constructor takes
+    no stat loggers: every record vLLM's logger manager gets, the meter gets too. None where the
+    engine keeps no stats."""
+    mgr = getattr(llm.llm_engine, "logger_manager", None)
+    if mgr is None:
+        return None
+    meter = LoadMeter(llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+    record = mgr.record
+
+    def both(*args: Any, **kw: Any) -> Any:
+        meter.record(
+            kw.get("scheduler_stats", args[0] if args else None),
+            kw.get("iteration_stats", args[1] if len(args) > 1 else None),
+        )
+        return record(*args, **kw)
+
+    mgr.record = both
+    return meter
+
+
 def child_raw(workdirs: dict[str, Path]) -> None:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
@@ -71,6 +95,7 @@ def child_raw(workdirs: dict[str, Path]) -> None:
     t0 = time.perf_counter()
     llm = LLM(**eargs)
     start_s = time.perf_counter() - t0
+    meter = _attach_load_meter(llm)
     for name, workdir in workdirs.items():
         plan = plans[name]
         rows = read_rendered(workdir / "rendered.parquet")
@@ -90,9 +115,9 @@ def child_raw(workdirs: dict[str, Path]) -> None:
             llm.generate(wp[1:], sp, use_tqdm=False)
             warm_s = time.perf_counter() - t1
             _reset_cache(llm)
-            t1, w0 = time.perf_counter(), time.time()
+            t1, w0, l0 = time.perf_counter(), time.time(), meter and meter.reading()
             outs = llm.generate(prompts, sp, use_tqdm=False)
-            gen_s, w1 = time.perf_counter() - t1, time.time()
+            gen_s, w1, l1 = time.perf_counter() - t1, time.time(), meter and meter.reading()
             parsed = [_parse(plan, mode, label_ids, r["row_id"], o) for r, o in zip(rows, outs, strict=True)]
             write_outputs(workdir, mode, parsed)
             out_tok = sum(p.get("output_tokens") or 0 for p in parsed)
@@ -113,6 +138,7 @@ def child_raw(workdirs: dict[str, Path]) -> None:
                     "niceness": nice,
                     "since_engine_start_s": time.perf_counter() - t0,
                     "window": [w0, w1],  # run_child_all splits the host CPU of this timed call
+                    "engine_load": load_window(l0, l1),  # the scheduler's, as turbo-batch's summary has it
                 }
             )
             _reset_cache(llm)

@@ -136,5 +136,6 @@ def child_rdl(workdir: Path) -> None:
             "total_wall_s": t_end - t0,
             "total_rows_per_s": n / (t_end - t0),
             "pipeline_wall_s": t_end - t_start,
+            "window": [wall_end - from_arrival, wall_end] if from_arrival else None,
         }
     )

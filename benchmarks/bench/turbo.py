@@ -50,7 +50,8 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
             r["probs"] = [(r["probs"] or {}).get(lab) for lab in plan["labels"]]
     write_outputs(workdir, "turbo", rows)
     wall = s["wall_s"]
-    host = meter.between(*timed_window(out_dir, wall))
+    window = timed_window(out_dir, wall)
+    host = meter.between(*window)
     whole = meter.between(started, time.time())  # + Ray and engine start, work done before engines are ready
     out_tok = sum(r.get("output_tokens") or 0 for r in rows) if plan.get("kind") == "generate" else 0
     return {
@@ -68,6 +69,9 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
         "process_rows_per_s": s["rows_this_run"] / proc_wall,
         "last_commit_to_summary_s": after_s,
         "summary_accuracy": (s.get("evaluation") or {}).get("accuracy"),
+        "window": list(window),  # bench_batch samples the GPU there
+        # the scheduler's load in the window, from the job's summary (turbo_batch/engine/load.py)
+        "engine_load": next((e.get("load") for e in s.get("engines") or []), None),
         # CPU seconds per 1,000 rows = cores per 1,000 rows/s (issue 11 point 4's bar: <= 1, engines excluded)
         "host_cpu": {
             **host,

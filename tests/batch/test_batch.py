@@ -102,13 +102,23 @@ def test_guided_choice_when_first_tokens_collide(tiny_pool, tiny_model, out_root
 def test_generate_is_deterministic_at_temperature_zero(tiny_pool, tiny_model, out_root):
     pq.write_table(pa.table({"text": _texts(40)}), out_root / "in.parquet")
     task = {"type": "generate", "max_tokens": 6}
-    for out in ("a", "b"):
-        _run(tiny_pool, job_dict(tiny_model, out_root / "in.parquet", out, task=task))
+    summaries = [
+        _run(tiny_pool, job_dict(tiny_model, out_root / "in.parquet", out, task=task)) for out in "ab"
+    ]
     a = {r["row_id"]: r for r in read_output(out_root / "a").to_pylist()}
     b = {r["row_id"]: r for r in read_output(out_root / "b").to_pylist()}
     assert set(a) == set(b) == set(range(40))
     assert all(a[i]["text"] == b[i]["text"] and a[i]["output_tokens"] == 6 for i in a)
     assert {r["finish_reason"] for r in a.values()} == {"length"}
+    # each run's summary has the engine's scheduler load over that run alone (engine/load.py), read
+    # from the real vLLM engine: this job's tokens, not the warm-up's or the other run's
+    for s in summaries:
+        (engine,) = s["engines"]
+        load = engine["load"]
+        assert load["output_tokens"] == 40 * 6
+        assert load["prompt_tokens"] == sum(r["prompt_tokens"] for r in a.values())
+        assert load["steps"] >= 6 and 0 < load["running_mean"] <= load["max_num_seqs"]
+        assert engine["load"]["max_num_seqs"] == engine["max_num_seqs"]
 
 
 def test_bad_rows_become_error_rows_and_the_job_goes_on(tiny_pool, tiny_model, out_root):

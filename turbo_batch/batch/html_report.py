@@ -270,6 +270,9 @@ def render(d: DirData) -> str:
         facts.append(
             ("last run's summary", f"{s.get('rows_this_run', 0):,} rows at {s['rows_per_s']:.2f} rows/s")
         )
+    loads = [x for x in (report.load_text(e) for e in s.get("engines") or []) if x]
+    if loads:
+        facts.append(("engine load, last run", " · ".join(loads)))
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     cards = []
     for title, uri, note in _figures(d, nums):

@@ -49,6 +49,7 @@ class Slot:
     reserved: bool = False  # running quarantined rows alone
     ping: Callable[[], Awaitable[dict[str, Any]]] | None = None  # returns once the engine answers again
     down: bool = False  # lost; waiting for Ray to restart it
+    load: Callable[[], Awaitable[dict[str, Any]]] | None = None  # a reading of the scheduler's load
 
     @property
     def max_model_len(self) -> int:
@@ -202,7 +203,9 @@ class EnginePool:
             seqs = int(info.get("max_num_seqs") or 64)
             cap = job.cluster.rows_in_flight or 2 * seqs
             name = f"engine-{i}-{t}" if t else f"engine-{i}"
-            pool.slots.append(Slot(name, _actor_call(actor), info, cap, ping=_actor_ping(actor)))
+            pool.slots.append(
+                Slot(name, _actor_call(actor), info, cap, ping=_actor_ping(actor), load=actor.load.remote)
+            )
         return pool
 
     async def close(self, force: bool = False) -> None:

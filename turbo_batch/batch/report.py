@@ -215,6 +215,17 @@ def summary(
     return out
 
 
+def load_text(engine: Mapping[str, Any]) -> str | None:
+    """One engine's scheduler load over the run (engine/load.py), in a few words; None without one."""
+    w = engine.get("load")
+    if not w:
+        return None
+    return (
+        f"{engine.get('name')} {w['running_mean']:g} of {w['max_num_seqs']} sequences running, "
+        f"{w['waiting_mean']:g} waiting; {w['starved_steps_pct']:g}% of steps with free seats and none waiting"
+    )
+
+
 def render_text(s: Mapping[str, Any]) -> str:
     lines = [
         f"rows: {s['rows_ok']} ok, {s['rows_error']} errored"
@@ -234,6 +245,9 @@ def render_text(s: Mapping[str, Any]) -> str:
             f"(${c['usd_per_1m_rows_excl_start']:.2f} without start) · "
             f"${c['usd_per_1m_input_tokens'] or 0:.3f} per 1M input tokens"
         )
+    loads = [load_text(e) for e in s.get("engines") or []]
+    if any(loads):
+        lines.append("engine load: " + " · ".join(x for x in loads if x))
     if s["errors_by_code"]:
         lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(s["errors_by_code"].items())))
     ev = s.get("evaluation")

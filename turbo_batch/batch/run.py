@@ -4,8 +4,8 @@ Owns: `run_job()` (what `turbo-batch run` calls), `run_plan()` (with a given out
 a shared engine pool), `build_dataset()` (the Ray Data pipeline of read and render stages) and
 `open_output()`. An input of at most SMALL_INPUT_ROWS rows runs as one Ray Data task (read, order,
 render) instead of one task per read unit and a distributed sort. Must not touch: the stages' own
-logic (read.py, render.py, driver.py, write.py, report.py); this module only wires them and measures
-the wall time.
+logic (read.py, render.py, driver.py, write.py, report.py); this module only wires them, measures
+the wall time and reads each engine's load over it (engine/load.py; engines of a job's own pool).
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ from turbo_batch.batch.pool import EnginePool, Pool, ServePool
 from turbo_batch.batch.read import BLOCK_ROWS, make_datasource, read_unit
 from turbo_batch.batch.render import render_block
 from turbo_batch.batch.write import OutputDir
+from turbo_batch.engine.load import window as load_window
 from turbo_batch.errors import JobError
 from turbo_batch.prompt import PromptConfig
 from turbo_batch.runtime import connect_ray
 from turbo_batch.spec import JobSpec
 
 PREFETCH_BLOCKS = 8
+LOAD_READ_S = 10.0  # an engine's load reading that takes longer is left out
 SMALL_INPUT_ROWS = BLOCK_ROWS  # an input of at most this many rows is read, ordered and rendered in one task
 Progress = Callable[[int], None]
 
@@ -111,6 +113,21 @@ async def _produce(ds: Any, blocks: asyncio.Queue) -> None:
         await blocks.put(e)
 
 
+async def read_loads(slots: list[Any]) -> list[dict[str, Any] | None]:
+    """Each engine's load reading (engine/load.py), None where a slot has none or does not answer:
+    a reading only describes the job, it never fails it."""
+
+    async def one(slot: Any) -> dict[str, Any] | None:
+        if slot.load is None or slot.down:
+            return None
+        try:
+            return await asyncio.wait_for(slot.load(), timeout=LOAD_READ_S)
+        except Exception:  # an engine lost or restarted meanwhile: no window for it
+            return None
+
+    return list(await asyncio.gather(*(one(s) for s in slots)))
+
+
 async def run_plan(
     plan: Plan, out: OutputDir, *, pool: Pool | None = None, progress: Progress | None = None
 ) -> dict[str, Any]:
@@ -138,6 +155,7 @@ async def run_plan(
     priority = job.cluster.priority if job.cluster.engine_source == "serve" else 0
     driver = Driver(job, plan, pool, out, priority=priority, on_progress=progress or (lambda n: None))
     driver.results.timeline.start(engine_start_s, report.engine_rows(pool.slots, with_rows=False))
+    load0 = await read_loads(pool.slots)
     t0 = time.monotonic()
     try:
         if producer is not None:
@@ -145,6 +163,7 @@ async def run_plan(
             await producer
         driver.results.timeline.flush(final=True)
         wall = time.monotonic() - t0  # engines ready → last row committed (engine shutdown not counted)
+        loads = [load_window(a, b) for a, b in zip(load0, await read_loads(pool.slots), strict=True)]
     finally:
         if producer is not None and not producer.done():
             producer.cancel()
@@ -155,7 +174,10 @@ async def run_plan(
         wall_s=wall,
         engine_start_s=engine_start_s,
         skipped=skipped,
-        engines=[{**s.info, "name": s.name, "rows": s.done, **driver.tail.stats(s)} for s in pool.slots],
+        engines=[
+            {**s.info, "name": s.name, "rows": s.done, **driver.tail.stats(s), "load": load}
+            for s, load in zip(pool.slots, loads, strict=True)
+        ],
         job_name=job.name,
         output_dir=str(plan.output_dir),
         prices=job.report.gpu_hour_usd,

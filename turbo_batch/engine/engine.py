@@ -11,6 +11,7 @@ Starting never raises: a failed start is reported by `info()["error"]` as one cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from turbo_batch.engine.load import LoadMeter
 from turbo_batch.engine.profiles import describe, detect_device, model_context_len, resolve
 from turbo_batch.engine.tasks import TaskRunner
 from turbo_batch.errors import RowError
@@ -52,6 +54,8 @@ class Engine:
         self.args: dict[str, Any] = {}
         self.max_model_len = 0
         self._runners: dict[str, TaskRunner] = {}
+        self.load_meter = LoadMeter(int((self.model.get("engine") or {}).get("max_num_seqs") or 1))
+        self._stats_task: asyncio.Task | None = None
         self.exit_on_dead = _in_ray_actor() if exit_on_dead is None else exit_on_dead
         t0 = time.monotonic()
         self.device = detect_device()
@@ -71,9 +75,12 @@ class Engine:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+            self.llm = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**self.args), stat_loggers=[self.load_meter.factory()]
+            )
             self.tokenizer = self.llm.get_tokenizer()
             self.max_model_len = int(self.llm.model_config.max_model_len)
+            self.load_meter.max_num_seqs = int(self.llm.vllm_config.scheduler_config.max_num_seqs)
         except Exception as e:  # reported through info(); an actor that raises here would restart forever
             self.error = f"cannot start vLLM engine for {self.model.get('path')}: {_one_line(e)}"
             if "See root cause above" in self.error:
@@ -135,6 +142,28 @@ class Engine:
         self.start_s += took
         return took
 
+    def load(self) -> dict[str, Any]:
+        """A reading of the scheduler's load so far (engine/load.py: `window()` of two is a summary)."""
+        return self.load_meter.reading()
+
+    def _log_stats_every(self) -> None:
+        """vLLM's periodic stats line (throughput, requests running and waiting, KV cache use) in this
+        engine's log, every VLLM_LOG_STATS_INTERVAL s as `vllm serve` writes it: AsyncLLM logs only when
+        asked. Started by the first request, in the caller's event loop."""
+        if self._stats_task is not None or self.llm is None or not self.llm.log_stats:
+            return
+        every = float(os.environ.get("VLLM_LOG_STATS_INTERVAL", "10"))
+        if every <= 0:
+            return
+
+        async def loop() -> None:
+            while self.llm is not None:
+                await asyncio.sleep(every)
+                with contextlib.suppress(Exception):
+                    await self.llm.do_log_stats()
+
+        self._stats_task = asyncio.get_running_loop().create_task(loop())
+
     def num_unfinished(self) -> int:
         return 0 if self.llm is None else int(self.llm.output_processor.get_num_unfinished_requests())
 
@@ -163,6 +192,7 @@ class Engine:
         if self.llm is None:
             raise RuntimeError(self.error or "engine not started")
         runner = self.runner(task, sampling)
+        self._log_stats_every()
         return list(
             await asyncio.gather(*(self._row(self._runner_for(runner, r), r, priority, tag) for r in rows))
         )
@@ -238,6 +268,7 @@ class Engine:
 
         if self.llm is None:
             raise RuntimeError(self.error or "engine not started")
+        self._log_stats_every()
         finished = False
         try:
             async for out in self.llm.generate(
@@ -257,6 +288,9 @@ class Engine:
             await self.llm.abort(request_id)
 
     def shutdown(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self._stats_task = None
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
