@@ -342,11 +342,13 @@ def test_results_show_each_runs_engine_load_and_gpu():
         "power_capped_pct": 88.0,
     }
     d = {"variants": ["raw", "turbo"], "results": {
-        "raw": {"runs": [{"run": 1, "rows_per_s": 60.2, "engine_load": load, "gpu": gpu}]},
+        "raw": {"runs": [{"run": 1, "rows_per_s": 60.2, "engine_load": load, "gpu": gpu,
+                          "engine_core_runqueue_wait_s": 0.42}]},
         "turbo": {"runs": [{"run": 1, "rows_per_s": 51.8, "part": 2}]}}}  # fmt: skip
     lines = window_lines(d)
     assert any(
-        "| raw | 1 | 60.20 | 121.3 of 128 | 80.5 | 90.1% / 2% | 95.2 | 1700 (1400) | 690 | 71 | 88% |" in x
+        "| raw | 1 | 60.20 | 121.3 of 128 | 80.5 | 90.1% / 2% | 95.2 | 0.42 | 1700 (1400) | 690 | 71 | 88% |"
+        in x
         for x in lines
     )
     assert not any("| turbo |" in x for x in lines)  # nothing recorded: no row

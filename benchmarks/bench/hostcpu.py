@@ -43,6 +43,14 @@ def _proc(pid: int) -> tuple[int, float, str] | None:
     return int(stat.rsplit(")", 1)[1].split()[1]), stat_cpu_s(stat), title
 
 
+def _runq_wait_s(pid: int) -> float | None:
+    """Seconds the process's main thread has waited on a run queue (/proc/<pid>/schedstat, field 2)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def role(title: str, is_root: bool) -> str:
     if is_root:
         return "driver"
@@ -88,6 +96,9 @@ class HostCpu:
         """`on_sample(tree)`, if given, sees each poll's {pid: (cpu s, title)} (from the polling thread)."""
         self.root, self.every, self.on_sample = root_pid, every, on_sample
         self.samples: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+        self.waits: dict[int, list[tuple[float, float]]] = defaultdict(
+            list
+        )  # engine core: (t, runqueue wait s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hostcpu", daemon=True)
 
@@ -119,6 +130,8 @@ class HostCpu:
         now, tree = time.time(), self._tree()
         for pid, (cpu, title) in tree.items():
             self.samples[pid].append((now, cpu, title))
+            if "EngineCore" in title and (w := _runq_wait_s(pid)) is not None:
+                self.waits[pid].append((now, w))
         if self.on_sample is not None:
             self.on_sample(tree)
 
@@ -147,7 +160,12 @@ class HostCpu:
                     by_title[short_title(engine or title)] += part
                 prev_t, prev_c = t, c
         top = dict(sorted(by_title.items(), key=lambda kv: -kv[1])[:12])
+        # vLLM's engine core loop: seconds its main thread was ready to run but waited for a CPU (other
+        # processes on its core); where a step is CPU-bound (short decode steps) this is lost time
+        waits = [[w for t, w in ws if t0 <= t <= t1] for ws in self.waits.values()]
+        wait = sum(w[-1] - w[0] for w in waits if len(w) > 1)
         return {
             "by_role": {k: round(v, 2) for k, v in sorted(by_role.items())},
             "by_title": {k: round(v, 2) for k, v in top.items()},
+            "engine_core_runqueue_wait_s": round(wait, 3) if any(len(w) > 1 for w in waits) else None,
         }

@@ -195,12 +195,14 @@ def _merged_lines(d: dict[str, Any]) -> list[str]:
 
 def window_lines(d: dict[str, Any]) -> list[str]:
     """Run by run: the engine's scheduler (requests running of max_num_seqs, waiting, the share of steps
-    that were full and of steps with free seats and nothing waiting) and the GPU (SM clock, power,
-    temperature, time at the power cap) in the timed window, where the run recorded them."""
+    that were full and of steps with free seats and nothing waiting), the seconds vLLM's engine-core
+    loop waited for a CPU (bench/hostcpu.py), and the GPU (SM clock, power, temperature, time at the
+    power cap) in the timed window, where the run recorded them."""
     rows = []
     for v in d["variants"]:
         for r in (d["results"].get(v) or {}).get("runs") or []:
             e, g = r.get("engine_load") or {}, r.get("gpu") or {}
+            wait = r.get("engine_core_runqueue_wait_s")
             if not e and not g:
                 continue
             run = f"{r.get('run')}" + (f" (part {r['part']})" if r.get("part") else "")
@@ -208,14 +210,14 @@ def window_lines(d: dict[str, Any]) -> list[str]:
                    f"{e['starved_steps_pct']:g}% | {fmt(e.get('steps_per_s'), 1)}") if e else "— | — | — | —"  # fmt: skip
             gpu = (f"{g['sm_mhz_mean']} ({g['sm_mhz_min']}) | {g['power_w_mean']:g} | {g['temp_c_max']} | "
                    f"{g['power_capped_pct']:g}%") if g else "— | — | — | —"  # fmt: skip
-            rows.append(f"| {v} | {run} | {fmt(r.get('rows_per_s'))} | {eng} | {gpu} |")
+            rows.append(f"| {v} | {run} | {fmt(r.get('rows_per_s'))} | {eng} | {fmt(wait)} | {gpu} |")
     if not rows:
         return []
     return ["", "Each run's timed window: vLLM's scheduler, step by step (`turbo_batch/engine/load.py`), and the GPU "
             "sampled every 0.5 s (`bench/gpumeter.py`).", "",
             "| variant | run | rows/s | requests running | waiting | steps full / free seats, none waiting | steps/s "
-            "| SM MHz mean (min) | power W | temp °C max | at power cap |",
-            "|---|---|---|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
+            "| engine core's wait for a CPU, s | SM MHz mean (min) | power W | temp °C max | at power cap |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
 
 
 def host_cpu_lines(h: dict[str, Any] | None) -> list[str]:
