@@ -62,3 +62,34 @@ def test_the_vllm_stat_logger_feeds_the_meter():
     )
     w = window(a, m.reading())
     assert w["steps"] == 1 and w["full_steps_pct"] == 100.0 and w["prompt_tokens"] == 7
+
+
+def test_a_jobs_load_readings_never_fail_it(monkeypatch):
+    """batch/run.read_loads: an engine without the method (a reused engine of an older turbo-batch), one
+    that does not answer in time, a lost one and a pool without readings each give None; the others read."""
+    import asyncio
+
+    from turbo_batch.batch import run
+
+    monkeypatch.setattr(run, "LOAD_READ_S", 0.2)
+
+    class Old:  # what a handle to an engine without `load` does: the attribute is missing
+        @property
+        def load(self):
+            raise AttributeError("'ActorHandle' object has no attribute 'load'")
+
+    async def fine():
+        return {"steps": 3}
+
+    async def hangs():
+        await asyncio.sleep(10)
+
+    async def gone():
+        raise RuntimeError("actor died")
+
+    async def old():
+        return await Old().load.remote()
+
+    slots = [NS(load=fine, down=False), NS(load=hangs, down=False), NS(load=gone, down=False),
+             NS(load=old, down=False), NS(load=None, down=False), NS(load=fine, down=True)]  # fmt: skip
+    assert asyncio.run(run.read_loads(slots)) == [{"steps": 3}, None, None, None, None, None]

@@ -204,7 +204,7 @@ class EnginePool:
             cap = job.cluster.rows_in_flight or 2 * seqs
             name = f"engine-{i}-{t}" if t else f"engine-{i}"
             pool.slots.append(
-                Slot(name, _actor_call(actor), info, cap, ping=_actor_ping(actor), load=actor.load.remote)
+                Slot(name, _actor_call(actor), info, cap, ping=_actor_ping(actor), load=_actor_load(actor))
             )
         return pool
 
@@ -249,6 +249,13 @@ def _actor_ping(actor: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
         return await actor.info.remote()
 
     return ping
+
+
+def _actor_load(actor: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def load():  # looked up per call: a reused engine started by an older turbo-batch has none
+        return await actor.load.remote()
+
+    return load
 
 
 def is_engine_loss(e: BaseException) -> bool:
