@@ -343,13 +343,35 @@ def test_results_show_each_runs_engine_load_and_gpu():
     }
     d = {"variants": ["raw", "turbo"], "results": {
         "raw": {"runs": [{"run": 1, "rows_per_s": 60.2, "engine_load": load, "gpu": gpu,
-                          "engine_core_runqueue_wait_s": 0.42}]},
+                          "engine_core_runqueue_wait_s": 0.42, "async_scheduling": True}]},
         "turbo": {"runs": [{"run": 1, "rows_per_s": 51.8, "part": 2}]}}}  # fmt: skip
     lines = window_lines(d)
     assert any(
-        "| raw | 1 | 60.20 | 121.3 of 128 | 80.5 | 90.1% / 2% | 95.2 | 0.42 | 1700 (1400) | 690 | 71 | 88% |"
+        "| raw | 1 | 60.20 | on | 121.3 of 128 | 80.5 | 90.1% / 2% | 95.2 | 0.42 | 1700 (1400) | 690 | 71 | 88% |"
         in x
         for x in lines
     )
     assert not any("| turbo |" in x for x in lines)  # nothing recorded: no row
     assert window_lines({"variants": ["raw"], "results": {"raw": {"runs": [{"run": 1}]}}}) == []
+
+
+def test_the_engine_log_is_kept_from_the_jobs_own_ray_session(tmp_path):
+    """bench/turbo._keep_engine_log: the engine actor's log from a Ray session made since the run began
+    (an older session's engine log is not it); nothing to keep gives None."""
+    import os
+    import time
+
+    from bench.turbo import _keep_engine_log
+
+    old, new = tmp_path / "session_2026_old" / "logs", tmp_path / "session_2026_new" / "logs"
+    for d, text in ((old, "old engine"), (new, "new engine")):
+        d.mkdir(parents=True)
+        (d / "worker-a-1.out").write_text("a render task\n")
+        (d / "worker-b-2.out").write_text(
+            f"Initializing a V1 LLM engine ... {text}\nAsynchronous scheduling is enabled.\n"
+        )
+    t = time.time()
+    os.utime(old.parent, (t - 3600, t - 3600))
+    dest = tmp_path / "turbo_engine.log"
+    assert _keep_engine_log(t - 60, dest, ray_tmp=tmp_path) == dest and "new engine" in dest.read_text()
+    assert _keep_engine_log(t + 3600, tmp_path / "none.log", ray_tmp=tmp_path) is None

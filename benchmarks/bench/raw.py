@@ -139,6 +139,9 @@ def child_raw(workdirs: dict[str, Path]) -> None:
                     "since_engine_start_s": time.perf_counter() - t0,
                     "window": [w0, w1],  # run_child_all splits the host CPU of this timed call
                     "engine_load": load_window(l0, l1),  # the scheduler's, as turbo-batch's summary has it
+                    "async_scheduling": getattr(
+                        llm.llm_engine.vllm_config.scheduler_config, "async_scheduling", None
+                    ),
                 }
             )
             _reset_cache(llm)

@@ -210,14 +210,16 @@ def window_lines(d: dict[str, Any]) -> list[str]:
                    f"{e['starved_steps_pct']:g}% | {fmt(e.get('steps_per_s'), 1)}") if e else "— | — | — | —"  # fmt: skip
             gpu = (f"{g['sm_mhz_mean']} ({g['sm_mhz_min']}) | {g['power_w_mean']:g} | {g['temp_c_max']} | "
                    f"{g['power_capped_pct']:g}%") if g else "— | — | — | —"  # fmt: skip
-            rows.append(f"| {v} | {run} | {fmt(r.get('rows_per_s'))} | {eng} | {fmt(wait)} | {gpu} |")
+            asy = {True: "on", False: "off"}.get(r.get("async_scheduling"), "—")
+            rows.append(f"| {v} | {run} | {fmt(r.get('rows_per_s'))} | {asy} | {eng} | {fmt(wait)} | {gpu} |")
     if not rows:
         return []
     return ["", "Each run's timed window: vLLM's scheduler, step by step (`turbo_batch/engine/load.py`), and the GPU "
             "sampled every 0.5 s (`bench/gpumeter.py`).", "",
-            "| variant | run | rows/s | requests running | waiting | steps full / free seats, none waiting | steps/s "
+            "| variant | run | rows/s | async scheduling | requests running | waiting | steps full / free seats, "
+            "none waiting | steps/s "
             "| engine core's wait for a CPU, s | SM MHz mean (min) | power W | temp °C max | at power cap |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
 
 
 def host_cpu_lines(h: dict[str, Any] | None) -> list[str]:

@@ -33,6 +33,7 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
         rc = proc.wait()
         meter.stop()
     proc_wall = time.perf_counter() - t0
+    _keep_engine_log(started, workdir / "turbo_engine.log")
     if rc != 0:
         raise RuntimeError(f"turbo-batch run exited {rc}; see {logf}:\n" + tail(logf))
     s = json.loads((out_dir / SUMMARY).read_text())
@@ -72,6 +73,7 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
         "window": list(window),  # bench_batch samples the GPU there
         # the scheduler's load in the window, from the job's summary (turbo_batch/engine/load.py)
         "engine_load": next((e.get("load") for e in s.get("engines") or []), None),
+        "async_scheduling": next((e.get("async_scheduling") for e in s.get("engines") or []), None),
         # CPU seconds per 1,000 rows = cores per 1,000 rows/s (issue 11 point 4's bar: <= 1, engines excluded)
         "host_cpu": {
             **host,
@@ -84,6 +86,25 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
             },
         },
     }
+
+
+def _keep_engine_log(since: float, dest: Path, ray_tmp: Path = Path("/tmp/ray")) -> Path | None:
+    """Copy the engine actor's log out of the job's private Ray session (its config lines: async
+    scheduling, CUDA graphs, KV cache size; and vLLM's stats line every 10 s), which Ray deletes with
+    the next sessions: compared with raw vLLM's log, it shows whether both engines ran alike."""
+    marker = "Initializing a V1 LLM engine"
+    sessions = sorted((d for d in ray_tmp.glob("session_2*") if d.is_dir() and d.stat().st_mtime >= since - 5),
+                      key=lambda d: d.stat().st_mtime, reverse=True)  # fmt: skip
+    for d in sessions:
+        for f in sorted((d / "logs").glob("worker-*")):
+            try:
+                text = f.read_text(errors="replace")
+            except OSError:
+                continue
+            if marker in text:
+                dest.write_text(text)
+                return dest
+    return None
 
 
 def child_probe(workdir: Path, args: Any) -> None:

@@ -119,6 +119,7 @@ def test_generate_is_deterministic_at_temperature_zero(tiny_pool, tiny_model, ou
         assert load["prompt_tokens"] == sum(r["prompt_tokens"] for r in a.values())
         assert load["steps"] >= 6 and 0 < load["running_mean"] <= load["max_num_seqs"]
         assert engine["load"]["max_num_seqs"] == engine["max_num_seqs"]
+        assert isinstance(engine["async_scheduling"], bool)  # as vLLM resolved it at start
 
 
 def test_bad_rows_become_error_rows_and_the_job_goes_on(tiny_pool, tiny_model, out_root):

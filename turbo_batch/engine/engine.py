@@ -96,6 +96,7 @@ class Engine:
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.args.get("max_num_seqs"),
             "kv_cache_tokens": self.kv_cache_tokens(),
+            "async_scheduling": self._resolved("scheduler_config", "async_scheduling"),
             "engine_args": {k: v for k, v in self.args.items() if _jsonable(v)},
             "device": describe(self.device),
             "gpu_type": self.gpu_type,
@@ -103,6 +104,14 @@ class Engine:
             "pid": os.getpid(),
             "start_s": round(self.start_s, 2),
         }
+
+    def _resolved(self, section: str, key: str) -> Any:
+        """A setting as vLLM resolved it at start (e.g. async scheduling, which vLLM decides), or None."""
+        try:
+            v = getattr(getattr(self.llm.vllm_config, section), key)
+        except Exception:  # not started, or a vLLM without it
+            return None
+        return v if _jsonable(v) else str(v)
 
     def kv_cache_tokens(self) -> int | None:
         """KV cache size in tokens (vLLM's blocks × block size, known once the engine has started)."""
