@@ -46,22 +46,25 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     sources: list[dict[str, Any]] = []  # one per part; a merged file brings its own parts
     for d in parts:
         cores = (d.get("machine") or {}).get("cpu_count")  # parts may come from hosts of other sizes
-        offset = len(sources)
+        offset, merged = len(sources), bool(d.get("merged_from"))
         sources += d.get("merged_from") or [_source(d)]
+
+        def part_of(r: dict[str, Any], offset: int = offset, merged: bool = merged) -> int:
+            """A run's part in the merge: a merged file's runs keep their own parts, after those before."""
+            return offset + ((r.get("part") or 1) if merged else 1)
+
         for v, rec in d["results"].items():
             rs = rec.get("runs") or [rec]
             for r in rs:
                 one = run_summary(r)
                 if one["host_cpu_excl_engine"] is None and (len(rs) == 1 or r.get("run") == rec.get("run")):
                     one["host_cpu_excl_engine"] = run_summary(rec)["host_cpu_excl_engine"]  # older files
-                part = offset + (r.get("part") or 1 if d.get("merged_from") else 1)
                 runs.setdefault(v, []).append(
-                    {**one, "part": part, "host_cores": r.get("host_cores") or cores}
+                    {**one, "part": part_of(r), "host_cores": r.get("host_cores") or cores}
                 )
             # the record is its file's median run: in a merged file, that of the part whose run it is
             own = next((r for r in rs if r.get("rows_per_s") == rec.get("rows_per_s")), {})
-            part = offset + (own.get("part") or 1 if d.get("merged_from") else 1)
-            full[(part, v, own.get("run") or rec.get("run") or 1)] = rec
+            full[(part_of(own), v, own.get("run") or rec.get("run") or 1)] = rec
     results: dict[str, Any] = {}
     for v, rs in runs.items():
         ok = [r for r in rs if r.get("rows_per_s")]

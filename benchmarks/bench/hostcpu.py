@@ -96,9 +96,8 @@ class HostCpu:
         """`on_sample(tree)`, if given, sees each poll's {pid: (cpu s, title)} (from the polling thread)."""
         self.root, self.every, self.on_sample = root_pid, every, on_sample
         self.samples: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
-        self.waits: dict[int, list[tuple[float, float]]] = defaultdict(
-            list
-        )  # engine core: (t, runqueue wait s)
+        # vLLM engine cores: (t, seconds waited on a run queue so far)
+        self.waits: dict[int, list[tuple[float, float]]] = defaultdict(list)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hostcpu", daemon=True)
 

@@ -54,7 +54,7 @@ class Engine:
         self.args: dict[str, Any] = {}
         self.max_model_len = 0
         self._runners: dict[str, TaskRunner] = {}
-        self.load_meter = LoadMeter(int((self.model.get("engine") or {}).get("max_num_seqs") or 1))
+        self.load_meter = LoadMeter()  # its max_num_seqs: vLLM's own, once the engine has started
         self._stats_task: asyncio.Task | None = None
         self.exit_on_dead = _in_ray_actor() if exit_on_dead is None else exit_on_dead
         t0 = time.monotonic()

@@ -24,12 +24,10 @@ FIELDS = ("steps", "running", "waiting", "full_steps", "starved_steps", "prompt_
 class LoadMeter:
     """Running totals over the engine's steps; `reading()` is a snapshot, `window(a, b)` their difference."""
 
-    def __init__(self, max_num_seqs: int):
-        self.max_num_seqs = max(int(max_num_seqs or 0), 1)
+    def __init__(self, max_num_seqs: int = 1):
+        self.max_num_seqs = max(int(max_num_seqs or 0), 1)  # an engine sets it once vLLM has resolved it
         self.totals = dict.fromkeys(FIELDS, 0)
         self.kv_usage_max = 0.0
-        self.first_t: float | None = None
-        self.last_t: float | None = None
 
     def factory(self):
         """What AsyncLLM's `stat_loggers` takes: a callable (vllm_config, engine_index) -> logger."""
@@ -67,9 +65,6 @@ class LoadMeter:
         if iteration_stats is not None:
             t["prompt_tokens"] += int(getattr(iteration_stats, "num_prompt_tokens", 0) or 0)
             t["output_tokens"] += int(getattr(iteration_stats, "num_generation_tokens", 0) or 0)
-        self.last_t = time.time()
-        if self.first_t is None:
-            self.first_t = self.last_t
 
     def reading(self) -> dict[str, Any]:
         return {
