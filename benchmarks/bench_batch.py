@@ -76,7 +76,8 @@ def run_all(
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Every variant of every preset, `repeat` times: raw engines first (one per group of presets with
     equal engine args), then turbo-batch per preset, then ray.data.llm per preset (`--first turbo`:
-    those two before the raw engines; `alternate`: every other repeat)."""
+    those two before the raw engines; `ray_data_llm`: also ray.data.llm before turbo-batch;
+    `alternate`: both orders swap every other repeat)."""
     runs: dict[str, dict[str, list]] = {p: {v: [] for v in variants[p]} for p in presets}
     errors: dict[str, dict[str, str]] = {p: {} for p in presets}
     groups: dict[str, list[str]] = {}
@@ -117,7 +118,9 @@ def run_all(
                 record(r.pop("preset"), r["variant"], {**r, "process_wall_s": wall}, la, load, i)
 
     def run_others(i: int) -> None:
-        for v in ("turbo", "ray_data_llm"):
+        # --first ray_data_llm: ray.data.llm before turbo-batch (alternate: every other repeat too)
+        rdl_first = args.first == "ray_data_llm" or (args.first == "alternate" and i % 2 == 1)
+        for v in ("ray_data_llm", "turbo") if rdl_first else ("turbo", "ray_data_llm"):
             for p in presets:
                 if v not in variants[p]:
                     continue
@@ -139,7 +142,7 @@ def run_all(
 
     for i in range(args.repeat):
         # --first turbo: turbo-batch (and ray.data.llm) before raw vLLM; alternate: swap every repeat
-        turbo_first = args.first == "turbo" or (args.first == "alternate" and i % 2 == 1)
+        turbo_first = args.first in ("turbo", "ray_data_llm") or (args.first == "alternate" and i % 2 == 1)
         for step in (run_others, run_raw) if turbo_first else (run_raw, run_others):
             step(i)
     args.errors = errors
@@ -165,9 +168,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="run the variant sequence N times; report medians")
     ap.add_argument(
         "--first",
-        choices=("raw", "turbo", "alternate"),
+        choices=("raw", "turbo", "ray_data_llm", "alternate"),
         default="raw",
-        help="which runs first in each repeat: raw vLLM, turbo-batch (and ray.data.llm), or alternate",
+        help="which runs first in each repeat: raw vLLM, turbo-batch (then ray.data.llm), ray.data.llm "
+        "(then turbo-batch), or alternate (both orders swap every repeat)",
     )
     ap.add_argument("--copy-logs", action="store_true", help="copy the variants' logs next to the results")
     ap.add_argument("--note", default=None, help="a reading of the numbers, stored in the results files")

@@ -30,7 +30,7 @@ LABEL_VARIANTS=${LABEL_VARIANTS:-}  # batch-all labels*: e.g. turbo,ray_data_llm
 BATCH_VARIANTS=${BATCH_VARIANTS:-}  # batch-all unique/gen*: e.g. turbo (default: the part's)
 BATCH_REPEAT=${BATCH_REPEAT:-1}  # batch-all: runs of each variant in this command (bench_batch.py --merge
                                  # combines the runs of several commands or GPU halves into medians)
-BATCH_FIRST=${BATCH_FIRST:-raw}  # batch-all: raw | turbo | alternate: which runs first (alternate it across
+BATCH_FIRST=${BATCH_FIRST:-raw}  # batch-all: raw | turbo | ray_data_llm | alternate: which runs first (alternate it across
                                  # commands: the GPU's pace drifts within a lease)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 case "${1:-}" in
