@@ -20,6 +20,7 @@ Owns nothing but its own files under `workdir`; it never signals or slows the en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -45,10 +46,8 @@ def core_facts(pid: int) -> dict[str, Any]:
         facts["env"] = {k: v[:200] for k, _, v in sorted(pairs) if ENV_KEYS.match(k)}
     except OSError as e:
         facts["env_error"] = str(e)
-    try:
+    with contextlib.suppress(OSError):
         facts["cpus_allowed"] = len(os.sched_getaffinity(pid))
-    except OSError:
-        pass
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         facts["nice"], facts["threads"] = int(fields[16]), int(fields[17])
