@@ -347,7 +347,9 @@ def run_child_all(
     t0 = time.perf_counter()
     with open(logf, "w") as fh:
         p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=fh, text=True)
-        meter = HostCpu(p.pid, workdir=workdir).start()  # the child's process tree: its own loop, vLLM's engine core, ...
+        meter = HostCpu(
+            p.pid, workdir=workdir
+        ).start()  # the child's process tree: its own loop, vLLM's engine core, ...
         try:
             stdout, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
