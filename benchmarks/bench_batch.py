@@ -145,6 +145,10 @@ def run_all(
         turbo_first = args.first in ("turbo", "ray_data_llm") or (args.first == "alternate" and i % 2 == 1)
         for step in (run_others, run_raw) if turbo_first else (run_raw, run_others):
             step(i)
+    for p in presets:  # a variant that ran before raw vLLM (--first turbo) is compared with it now
+        for v, rs in runs[p].items():
+            if v != "raw" and rs and not any(k.endswith("_raw_pct") for k in rs[-1].get("check") or {}):
+                rs[-1]["check"] = agreement(dirs[p], v, plans[p])
     args.errors = errors
     return runs
 

@@ -375,3 +375,116 @@ def test_the_engine_log_is_kept_from_the_jobs_own_ray_session(tmp_path):
     dest = tmp_path / "turbo_engine.log"
     assert _keep_engine_log(t - 60, dest, ray_tmp=tmp_path) == dest and "new engine" in dest.read_text()
     assert _keep_engine_log(t + 3600, tmp_path / "none.log", ray_tmp=tmp_path) is None
+
+
+def test_batch_variant_order_follows_first(monkeypatch, tmp_path):
+    """bench_batch --first: raw vLLM, turbo-batch and ray.data.llm run in the order asked for (so a
+    lease can alternate them), and a variant that ran before raw vLLM is compared with it afterwards."""
+    import argparse
+
+    import bench.turbo
+    import bench_batch
+
+    order: list[str] = []
+    compared: list[tuple[str, bool]] = []
+
+    def result(v: str) -> dict:
+        order.append(v)
+        return {"variant": v, "rows_per_s": 1.0, "timed_s": 1.0}
+
+    monkeypatch.setattr(bench.turbo, "run_turbo", lambda d, p: result("turbo"))
+    monkeypatch.setattr(bench_batch, "run_child", lambda d, v, a, t: result(v))
+    monkeypatch.setattr(
+        bench_batch, "run_child_all", lambda r, w, a, t: ([{**result("raw"), "preset": "p"}], 1.0)
+    )
+
+    def agreement(d, v, p) -> dict:
+        compared.append((v, "raw" in order))
+        return {"same_text_as_raw_pct": 100.0} if "raw" in order and v != "raw" else {}
+
+    monkeypatch.setattr(bench_batch, "agreement", agreement)
+
+    def run(first: str, repeat: int = 1) -> list[str]:
+        order.clear()
+        compared.clear()
+        args = argparse.Namespace(
+            repeat=repeat, first=first, workdir_root=str(tmp_path), timeout=9, preset="p"
+        )
+        variants = {"p": ["raw", "turbo", "ray_data_llm"]}
+        bench_batch.run_all(args, ["p"], {"p": tmp_path}, {"p": {"engine_args": {}}}, variants, {})
+        return list(order)
+
+    assert run("raw") == ["raw", "turbo", "ray_data_llm"]
+    assert run("turbo") == ["turbo", "ray_data_llm", "raw"]
+    # turbo-batch and ray.data.llm ran before raw vLLM: their checks are made again once it has run
+    assert compared[-2:] == [("turbo", True), ("ray_data_llm", True)]
+    assert run("ray_data_llm") == ["ray_data_llm", "turbo", "raw"]
+    assert run("alternate", repeat=2) == ["raw", "turbo", "ray_data_llm", "ray_data_llm", "turbo", "raw"]
+
+
+def test_merging_a_merged_file_keeps_each_parts_host_cpu():
+    """A part without host CPU figures stays without them when its merged file is merged again (the
+    fallback to a record's own figure is for single-run files: in a merged file the record is another
+    part's median run)."""
+    import copy
+    import json
+
+    from bench.batch_merge import merge
+
+    d = json.loads((REPO / "benchmarks" / "results" / "batch_gpu-gen-10.json").read_text())
+    d.pop("merged_from", None)
+    parts = []
+    for x, cpu in ((200.0, None), (210.0, 2.5), (220.0, 2.0)):
+        p = copy.deepcopy(d)
+        for v in ("raw", "turbo"):
+            p["results"][v]["rows_per_s"] = x
+            p["results"][v]["host_cpu"] = {"cpu_s_per_1k_rows_excl_engine": cpu}
+            p["results"][v]["runs"] = [{"run": 1, "rows_per_s": x, "host_cpu_excl_engine": cpu}]
+        parts.append(p)
+    once = merge(parts[:2])
+    assert [r["host_cpu_excl_engine"] for r in once["results"]["turbo"]["runs"]] == [None, 2.5]
+    again = merge([once, parts[2]])
+    assert [r["host_cpu_excl_engine"] for r in again["results"]["turbo"]["runs"]] == [None, 2.5, 2.0]
+
+
+def test_core_probe_reads_a_real_engine_core(tmp_path):
+    """bench/coreprobe.py through HostCpu's poll: a process titled like vLLM's engine core gets its
+    settings (an OMP_NUM_THREADS it was started with), and its threads' CPU in the window tells the
+    busy side thread from the idle main thread; with py-spy, the window's segments are merged."""
+    import os
+    import shlex
+    import subprocess
+    import time
+
+    from bench.hostcpu import HostCpu
+    from pyspy import pyspy_binary
+
+    py = shlex.quote(str(Path(sys.executable).resolve()))
+    code = (
+        "import threading, time\n"
+        "def spin():\n"
+        "    t = time.process_time()\n"
+        "    while time.process_time() - t < 2.5: pass\n"
+        "th = threading.Thread(target=spin); th.start(); th.join()\n"
+    )
+    (tmp_path / "core.py").write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "3", "RAY_SECRET_TOKEN": "x"}
+    p = subprocess.Popen(["bash", "-c", f'exec -a "VLLM::EngineCore" {py} {tmp_path / "core.py"}'], env=env)
+    m = HostCpu(p.pid, every=0.1, workdir=tmp_path)
+    if pyspy_binary():
+        m.core.segment_s = 1
+    m.start()
+    t0 = time.time()
+    p.wait()
+    t1 = time.time()
+    m.stop()
+    core = m.between(t0, t1)["engine_core"]["cores"][0]
+    assert core["pid"] == p.pid and core["env"]["OMP_NUM_THREADS"] == "3"
+    assert not any(k.startswith("RAY_") for k in core["env"])
+    threads = core["thread_cpu_s"]
+    side = [v for k, v in threads.items() if k != "main"]
+    assert side and max(side) > 1.0 and threads.get("main", 0) < 0.5, threads
+    if pyspy_binary():
+        prof = core.get("pyspy")
+        assert prof and prof["segments"] >= 1, core
+        assert any("spin" in f for f, _ in prof["top_self"]), prof["top_self"]

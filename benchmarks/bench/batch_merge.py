@@ -57,7 +57,8 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             rs = rec.get("runs") or [rec]
             for r in rs:
                 one = run_summary(r)
-                if one["host_cpu_excl_engine"] is None and (len(rs) == 1 or r.get("run") == rec.get("run")):
+                older = not merged and (len(rs) == 1 or r.get("run") == rec.get("run"))
+                if one["host_cpu_excl_engine"] is None and older:
                     one["host_cpu_excl_engine"] = run_summary(rec)["host_cpu_excl_engine"]  # older files
                 runs.setdefault(v, []).append(
                     {**one, "part": part_of(r), "host_cores": r.get("host_cores") or cores}

@@ -123,11 +123,17 @@ class CoreProbe:
             inside = [(t, th) for t, th in ss if t0 <= t <= t1]
             if len(inside) < 2:
                 continue
-            (ta, a), (tb, b) = inside[0], inside[-1]
+            ta, tb = inside[0][0], inside[-1][0]
+            first: dict[int, tuple[str, float]] = {}
+            last: dict[int, tuple[str, float]] = {}  # a thread that ended in the window: its last sample
+            for _, th in inside:
+                for tid, v in th.items():
+                    first.setdefault(tid, v)
+                    last[tid] = v
             used = {
-                ("main" if tid == pid else f"{comm}:{tid}"): round(cpu - a[tid][1], 2)
-                for tid, (comm, cpu) in b.items()
-                if tid in a and cpu - a[tid][1] > 0.05
+                ("main" if tid == pid else f"{comm}:{tid}"): round(cpu - first[tid][1], 2)
+                for tid, (comm, cpu) in last.items()
+                if cpu - first[tid][1] > 0.05
             }
             core: dict[str, Any] = {
                 **self.facts.get(pid, {}),
