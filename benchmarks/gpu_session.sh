@@ -118,6 +118,7 @@ case "${1:-}" in
     # usage: gpu_session.sh pair "prefix" "serve-parity"   (a case may carry its argument: "batch-all gen";
     # "A+B" runs A then B on that GPU). Both halves stop at PAIR_S seconds (default 560) so the tarballs
     # are packed before the device command's own 600 s limit; results written by then come back.
+    # A command that installs first: `export PAIR_UNTIL=$(( $(date +%s) + LIMIT - 25 ))` before it.
     # On a one-GPU nvidia-h200: gpu_session.sh pair "prefix" "" (GPU 0 only, the same guard and tarball).
     pids=()
     rm -rf /tmp/pair-0 /tmp/pair-1
@@ -133,7 +134,10 @@ case "${1:-}" in
        done > "/tmp/pair-$gpu/session.log" 2>&1) &
       pids+=($!)
     done
-    ( sleep "${PAIR_S:-560}"; for pid in "${pids[@]}"; do pkill -TERM -P "$pid"; kill "$pid"; done ) 2>/dev/null &
+    # PAIR_UNTIL (epoch s) instead: a deadline set at the very start of the device command, so work
+    # before the pair (the kit's install on a lease's first call) comes off the guard, not the tarball
+    guard_s=${PAIR_S:-560}; [ -n "${PAIR_UNTIL:-}" ] && guard_s=$(( PAIR_UNTIL - $(date +%s) > 1 ? PAIR_UNTIL - $(date +%s) : 1 ))
+    ( sleep "$guard_s"; for pid in "${pids[@]}"; do pkill -TERM -P "$pid"; kill "$pid"; done ) 2>/dev/null &
     guard=$!
     wait "${pids[@]}"
     kill "$guard" 2>/dev/null
