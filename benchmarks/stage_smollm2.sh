@@ -21,5 +21,5 @@ rm -rf "$OUTD" && mkdir -p "$OUTD/1" "$OUTD/2"
 split -n 2 -d -a 2 "$whl" "$W/$(basename "$whl").split."
 mv "$W/$(basename "$whl").split.00" "$W"/gguf-0.19.0-*.whl "$OUTD/1/"
 mv "$W/$(basename "$whl").split.01" "$OUTD/2/"
-(cd "$OUTD" && sha256sum 1/* 2/* | sed 's# [12]/# #' > 1/MANIFEST.smollm2)
+(cd "$OUTD" && rm -f 1/MANIFEST.smollm2 && sha256sum 1/* 2/* | sed 's# [12]/# #' > MANIFEST.tmp && mv MANIFEST.tmp 1/MANIFEST.smollm2)
 du -sh "$OUTD"/1 "$OUTD"/2
