@@ -105,3 +105,32 @@ def test_first_sets_which_variant_runs_first(tmp_path, monkeypatch):
         runs = bench_batch.run_all(args, ["p"], dirs, plans, {"p": ["raw", "turbo"]}, {})
         assert order == want, first
         assert [r["gpu"]["window"] for r in runs["p"]["turbo"]] == [[3.0, 4.0]] * 2
+
+
+def test_rendered_rows_are_reused_only_for_the_same_job_rows_and_tokenizer(tmp_path):
+    """bench/prepare.py keeps a workdir's rendered token ids for the next device command of the same
+    job (20,000 SmolLM2 rows took ~50 s to render on the H200 host, in each of two commands); another
+    job, other rows or a changed tokenizer file renders again, and files a render left behind without
+    finishing are never taken."""
+    import pyarrow as pa
+    from bench.prepare import _cached_render, _render_key
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "tokenizer.json").write_text("{}")
+    job, rows, warm = {"prompt": {"system": "a"}}, pa.table({"id": [1, 2], "text": ["x", "y"]}), pa.table({"id": [3], "text": ["z"]})  # fmt: skip
+    made = {"rendered": [{"row_id": 1, "prompt_ids": [5, 6]}, {"row_id": 2, "prompt_ids": [7]}],
+            "warmup": [{"row_id": 3, "prompt_ids": [8]}]}  # fmt: skip
+    assert _cached_render(tmp_path, job, rows, warm, model) is None
+    for part, rs in made.items():
+        pq.write_table(pa.Table.from_pylist(rs), tmp_path / f"{part}.parquet")
+    assert _render_key(tmp_path, job, rows, warm, model, 1.5) == 1.5
+    assert _cached_render(tmp_path, job, rows, warm, model) == made
+    assert _render_key(tmp_path, job, rows, warm, model, 0.01) == 1.5  # a reuse reports the render's time
+    assert _cached_render(tmp_path, job, pa.table({"id": [1, 2], "text": ["x", "Y"]}), warm, model) is None
+    assert not (tmp_path / "rendered.key").exists()  # a miss drops the key: half-written files are no one's
+    _render_key(tmp_path, job, rows, warm, model, 1.5)
+    assert _cached_render(tmp_path, {"prompt": {"system": "b"}}, rows, warm, model) is None
+    _render_key(tmp_path, job, rows, warm, model, 1.5)
+    (model / "tokenizer.json").write_text('{"changed": 1}')
+    assert _cached_render(tmp_path, job, rows, warm, model) is None

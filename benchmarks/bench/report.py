@@ -84,7 +84,9 @@ def run_summary(r: dict[str, Any]) -> dict[str, Any]:
     out = {k: r.get(k) for k in RUN_KEYS}
     if out["host_cpu_excl_engine"] is None:
         out["host_cpu_excl_engine"] = (r.get("host_cpu") or {}).get("cpu_s_per_1k_rows_excl_engine")
-    wait = (r.get("host_cpu") or {}).get("engine_core_runqueue_wait_s")
+    wait = r.get("engine_core_runqueue_wait_s")  # a run summary's own (a merged part's runs)
+    if wait is None:
+        wait = (r.get("host_cpu") or {}).get("engine_core_runqueue_wait_s")
     if wait is not None:
         out["engine_core_runqueue_wait_s"] = wait
     return out
