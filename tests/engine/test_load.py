@@ -27,7 +27,13 @@ def test_window_is_the_difference_of_two_readings():
     assert w["steps"] == 4 and w["max_num_seqs"] == 4
     assert w["running_mean"] == 2.5 and w["waiting_mean"] == 0.75
     assert w["full_steps_pct"] == 25.0 and w["starved_steps_pct"] == 50.0
-    assert w["prompt_tokens"] == 50 and w["output_tokens"] == 10 and w["kv_usage_max"] == 0.5
+    assert w["prompt_tokens"] == 50 and w["output_tokens"] == 10
+    assert w["kv_usage_mean"] == 0.2 and w["kv_usage_max_since_start"] == 0.5  # (0.1 + 0.1 + 0.5 + 0.1) / 4
+    _step(m, 1, 0, kv=0.2)
+    b = m.reading()
+    _step(m, 1, 0, kv=0.3)
+    later = window(b, m.reading())
+    assert later["kv_usage_mean"] == 0.3 and later["kv_usage_max_since_start"] == 0.5
 
 
 def test_no_window_without_readings_or_steps():

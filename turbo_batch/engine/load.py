@@ -18,7 +18,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-FIELDS = ("steps", "running", "waiting", "full_steps", "starved_steps", "prompt_tokens", "output_tokens")
+FIELDS = (
+    "steps",
+    "running",
+    "waiting",
+    "full_steps",
+    "starved_steps",
+    "prompt_tokens",
+    "output_tokens",
+    "kv_usage",
+)
 
 
 class LoadMeter:
@@ -59,9 +68,9 @@ class LoadMeter:
                 t["full_steps"] += 1
             elif waiting == 0:
                 t["starved_steps"] += 1
-            self.kv_usage_max = max(
-                self.kv_usage_max, float(getattr(scheduler_stats, "kv_cache_usage", 0) or 0)
-            )
+            kv = float(getattr(scheduler_stats, "kv_cache_usage", 0) or 0)
+            t["kv_usage"] += kv
+            self.kv_usage_max = max(self.kv_usage_max, kv)
         if iteration_stats is not None:
             t["prompt_tokens"] += int(getattr(iteration_stats, "num_prompt_tokens", 0) or 0)
             t["output_tokens"] += int(getattr(iteration_stats, "num_generation_tokens", 0) or 0)
@@ -78,7 +87,8 @@ class LoadMeter:
 def window(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
     """The load between two readings of one engine: steps, mean requests running and waiting per step,
     the share of steps that were full (running = max_num_seqs) and of steps with free seats and nothing
-    waiting, and tokens. None if either reading is missing or nothing ran in between."""
+    waiting, tokens, and the KV cache's mean use (its peak only since the engine started: a maximum of
+    running totals cannot be split at a reading). None if either reading is missing or nothing ran."""
     if not a or not b:
         return None
     d = {k: b[k] - a[k] for k in FIELDS}
@@ -97,5 +107,6 @@ def window(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]
         "starved_steps_pct": round(100 * d["starved_steps"] / steps, 1),
         "prompt_tokens": d["prompt_tokens"],
         "output_tokens": d["output_tokens"],
-        "kv_usage_max": round(b["kv_usage_max"], 4),
+        "kv_usage_mean": round(d["kv_usage"] / steps, 4),  # KV cache in use per step, in the window
+        "kv_usage_max_since_start": round(b["kv_usage_max"], 4),  # a peak cannot be differenced
     }
