@@ -488,3 +488,36 @@ def test_core_probe_reads_a_real_engine_core(tmp_path):
         prof = core.get("pyspy")
         assert prof and prof["segments"] >= 1, core
         assert any("spin" in f for f, _ in prof["top_self"]), prof["top_self"]
+
+
+def test_raw_window_feeds_vllm_as_the_dispatcher_does():
+    """bench/raw.py generate_windowed: never more than the window in the engine, top-ups in whole
+    batches (the last one short), every output back in prompt order whatever order they finish in."""
+    from types import SimpleNamespace as NS
+
+    from bench.raw import generate_windowed
+
+    class Engine:
+        def __init__(self):
+            self.live: list[str] = []
+            self.adds: list[int] = []  # requests added per top-up
+            self.peak = 0
+            self._added = 0
+
+        def add_request(self, rid, prompt, params):
+            self.live.append(rid)
+            self._added += 1
+
+        def step(self):
+            if self._added:
+                self.adds.append(self._added)
+                self._added = 0
+            self.peak = max(self.peak, len(self.live))
+            done, self.live = self.live[-3:][::-1], self.live[:-3]  # the newest finish first
+            return [NS(request_id=f"{r}-abcd1234", finished=True, prompt=r) for r in done]
+
+    eng = Engine()
+    outs = generate_windowed(NS(llm_engine=eng), [f"p{i}" for i in range(50)], None, window=8, batch=4)
+    assert [o.prompt for o in outs] == [f"w{i}" for i in range(50)]
+    assert eng.peak <= 8 and eng.adds[0] == 8
+    assert all(n % 4 == 0 for n in eng.adds[:-1]) and sum(eng.adds) == 50

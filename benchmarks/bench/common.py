@@ -344,9 +344,14 @@ def run_child_all(
     if args.dry_run:
         cmd.append("--dry-run")
     logf = workdir / f"{what}.log"
+    # BENCH_RAW_ENV='{"OMP_NUM_THREADS": "1"}': raw vLLM's process (and its engine core) started with
+    # what a Ray actor's would have, to tell the actor's environment from the rest of turbo-batch
+    extra = json.loads(os.environ.get("BENCH_RAW_ENV") or "{}") if what == "raw" else {}
     t0 = time.perf_counter()
     with open(logf, "w") as fh:
-        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=fh, text=True)
+        p = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=fh, text=True, env={**os.environ, **extra}
+        )
         meter = HostCpu(
             p.pid, workdir=workdir
         ).start()  # the child's process tree: its own loop, vLLM's engine core, ...
@@ -364,6 +369,9 @@ def run_child_all(
     results = [json.loads(line[len(MARK) :]) for line in stdout.splitlines() if line.startswith(MARK)]
     if p.returncode != 0 or not results:
         raise RuntimeError(f"{what} exited {p.returncode}; see {logf}:\n" + tail(logf))
+    for r in results:
+        if extra:
+            r["env_override"] = extra
     for r in results:  # a child that names its timed window [start, end] (epoch s) gets its CPU split there
         if r.get("window") and r.get("rows"):
             cpu = meter.between(*r["window"])

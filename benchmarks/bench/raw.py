@@ -2,8 +2,10 @@
 
 Presets whose engine args are equal share one engine (one start instead of one per preset); the
 prefix cache is reset before every timed call, so no workload reuses another's (or its own warm-up's)
-cached blocks. Modes: raw (one pass for classify, the job's sampling for generate) and raw_guided
-(guided choice over the labels, max_tokens = longest label in characters + 1: any spelling fits).
+cached blocks. Modes: raw (one pass for classify, the job's sampling for generate), raw_window (raw's
+sampling, fed as turbo-batch's dispatcher feeds an engine: a bounded window topped up in batches) and
+raw_guided (guided choice over the labels, max_tokens = longest label in characters + 1: any spelling
+fits).
 
 child_prefix_raw is bench_prefix.py's raw child: one engine, alternating shuffled / grouped calls."""
 
@@ -84,6 +86,33 @@ def _attach_load_meter(llm: Any) -> LoadMeter | None:
     return meter
 
 
+def generate_windowed(llm: Any, prompts: list[Any], params: Any, window: int, batch: int) -> list[Any]:
+    """`prompts` through `llm`'s engine with at most `window` requests in vLLM at once, topped up `batch`
+    at a time as requests finish: the arrival pattern of turbo-batch's dispatcher (rows_in_flight =
+    2 x max_num_seqs, batch_rows 32), with vLLM's own LLMEngine and nothing of turbo-batch. Outputs in
+    prompt order."""
+    eng = llm.llm_engine
+    done: dict[int, Any] = {}
+    nxt = inflight = 0
+
+    def add(n: int) -> None:
+        nonlocal nxt, inflight
+        for _ in range(min(n, len(prompts) - nxt)):
+            eng.add_request(f"w{nxt}", prompts[nxt], params)
+            nxt, inflight = nxt + 1, inflight + 1
+
+    add(window)
+    while inflight:
+        for o in eng.step():
+            if o.finished:
+                done[int(o.request_id.split("-", 1)[0][1:])] = o  # "w<i>", or "w<i>-<suffix>" if internal
+                inflight -= 1
+        free = window - inflight
+        if free >= batch or (free and nxt + free >= len(prompts)):
+            add(free - free % batch if free >= batch else free)
+    return [done[i] for i in range(len(prompts))]
+
+
 def child_raw(workdirs: dict[str, Path]) -> None:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
@@ -116,7 +145,10 @@ def child_raw(workdirs: dict[str, Path]) -> None:
             warm_s = time.perf_counter() - t1
             _reset_cache(llm)
             t1, w0, l0 = time.perf_counter(), time.time(), meter and meter.reading()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
+            if mode == "raw_window":
+                outs = generate_windowed(llm, prompts, sp, 2 * eargs.get("max_num_seqs", 128), 32)
+            else:
+                outs = llm.generate(prompts, sp, use_tqdm=False)
             gen_s, w1, l1 = time.perf_counter() - t1, time.time(), meter and meter.reading()
             parsed = [_parse(plan, mode, label_ids, r["row_id"], o) for r, o in zip(rows, outs, strict=True)]
             write_outputs(workdir, mode, parsed)
@@ -129,8 +161,14 @@ def child_raw(workdirs: dict[str, Path]) -> None:
                     "timed_s": gen_s,
                     "rows_per_s": len(rows) / gen_s,
                     "output_tokens_per_s": out_tok / gen_s if out_tok else None,
-                    "method": "rows / one llm.generate(all rows) call, after warm-up on other rows and a "
-                    "prefix-cache reset",
+                    "method": (
+                        "rows / every row through LLMEngine add_request/step with at most 2 x max_num_seqs "
+                        "in vLLM, topped up 32 at a time (as turbo-batch feeds an engine), after warm-up "
+                        "and a prefix-cache reset"
+                        if mode == "raw_window"
+                        else "rows / one llm.generate(all rows) call, after warm-up on other rows and a "
+                        "prefix-cache reset"
+                    ),
                     "engine_start_s": start_s,
                     "engine_shared_by": list(workdirs),
                     "first_request_s": first_s,

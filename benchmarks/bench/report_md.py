@@ -119,6 +119,7 @@ def markdown(d: dict[str, Any]) -> str:
                                                    for v in d["variants"] if v in d["results"]) + "."]  # fmt: skip
     lines += _merged_lines(d)
     lines += window_lines(d)
+    lines += core_lines(d)
     for v, msg in (d.get("errors") or {}).items():
         lines += ["", f"**{v} failed**: `{msg.splitlines()[0][:300]}` (its log is in the work dir)."]
     raw = d["results"].get("raw")
@@ -220,6 +221,37 @@ def window_lines(d: dict[str, Any]) -> list[str]:
             "none waiting | steps/s "
             "| engine core's wait for a CPU, s | SM MHz mean (min) | power W | temp °C max | at power cap |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows]  # fmt: skip
+
+
+def core_lines(d: dict[str, Any]) -> list[str]:
+    """Per variant's median run: vLLM's engine-core process as bench/coreprobe.py saw it in the timed
+    window (environment settings, its threads' CPU, top py-spy frames) and any environment override."""
+    out = []
+    for v in d["variants"]:
+        r = d["results"].get(v) or {}
+        cores = ((r.get("host_cpu") or {}).get("engine_core") or {}).get("cores") or []
+        for c in cores:
+            env = ", ".join(
+                f"{k}={x}" for k, x in (c.get("env") or {}).items() if not k.startswith("TORCHINDUCTOR")
+            )
+            threads = ", ".join(f"{k} {x:.1f}" for k, x in (c.get("thread_cpu_s") or {}).items())
+            line = (f"- {v}: engine core pid {c.get('pid')}, {c.get('cpus_allowed')} CPUs allowed, nice "
+                    f"{c.get('nice')}; env {env or '—'}; CPU s by thread over {c.get('span_s')} s: {threads}")  # fmt: skip
+            prof = c.get("pyspy") or {}
+            if prof.get("top_self"):
+                top = ", ".join(f"`{f}` {100 * x:.0f}%" for f, x in prof["top_self"][:6])
+                line += f"; py-spy ({prof['seconds']} s in the window), top frames by own time: {top}"
+            out.append(line)
+        if r.get("env_override"):
+            out.append(f"- {v} ran with {json.dumps(r['env_override'])} added to its environment.")
+    if not out:
+        return []
+    return [
+        "",
+        "vLLM's engine-core process in each median run's timed window (`bench/coreprobe.py`):",
+        "",
+        *out,
+    ]
 
 
 def host_cpu_lines(h: dict[str, Any] | None) -> list[str]:
