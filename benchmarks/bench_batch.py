@@ -183,6 +183,15 @@ def main() -> None:
     )
     ap.add_argument("--copy-logs", action="store_true", help="copy the variants' logs next to the results")
     ap.add_argument("--note", default=None, help="a reading of the numbers, stored in the results files")
+    ap.add_argument(
+        "--turbo-job",
+        default=None,
+        help='JSON merged into turbo-batch\'s job, cluster settings only (e.g. \'{"cluster": {"rows_in_flight": '
+        '1024, "batch_rows": 256}}\'); use with --tag',
+    )
+    ap.add_argument(
+        "--tag", default=None, help="results file names batch_<preset>_<tag>.* (no generate_*.json)"
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     ap.add_argument("--merge", nargs="+", default=None, help="results JSONs of one preset's runs -> one file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -284,7 +293,7 @@ def main() -> None:
                 "note": args.note,
                 "headline": headline(plans[p]["kind"], results, runs[p]),
             }
-            out = results_dir / f"batch_{p}.json"
+            out = results_dir / f"batch_{p}{'_' + args.tag if args.tag else ''}.json"
             write_results(out, data)
             outs.append(out)
             if final and args.copy_logs:
@@ -300,7 +309,9 @@ def main() -> None:
                         shutil.copy(f, logs / f.name)
             if final:
                 print(table(data))
-        for family in sorted({p.split("-", 1)[0] for p in presets if PRESETS[p]["kind"] == "generate"}):
+        for family in sorted(
+            {p.split("-", 1)[0] for p in presets if PRESETS[p]["kind"] == "generate"} if not args.tag else ()
+        ):
             g = write_generate_summary(results_dir, family)
             if g:
                 outs.append(g)

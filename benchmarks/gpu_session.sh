@@ -30,6 +30,8 @@ LABEL_VARIANTS=${LABEL_VARIANTS:-}  # batch-all labels*: e.g. turbo,ray_data_llm
 BATCH_VARIANTS=${BATCH_VARIANTS:-}  # batch-all unique/gen*: e.g. turbo (default: the part's)
 BATCH_REPEAT=${BATCH_REPEAT:-1}  # batch-all: runs of each variant in this command (bench_batch.py --merge
                                  # combines the runs of several commands or GPU halves into medians)
+TURBO_JOB=${TURBO_JOB:-}  # batch-all: JSON of cluster settings for turbo-batch's job (bench_batch.py --turbo-job),
+BATCH_TAG=${BATCH_TAG:-}  # with BATCH_TAG: results as batch_<preset>_<tag>.* (e.g. '{"cluster": {"rows_in_flight": 1024}}')
 BATCH_FIRST=${BATCH_FIRST:-raw}  # batch-all: raw | turbo | ray_data_llm | alternate: which runs first (alternate it across
                                  # commands: the GPU's pace drifts within a lease)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -92,7 +94,8 @@ case "${1:-}" in
           export TURBO_BATCH_CACHE=/root/tbcache ;;
         *) echo "batch-all parts: unique gen gen200 gen10 labels labels-smollm2" >&2; exit 2 ;;
       esac
-      timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" --repeat "$BATCH_REPEAT" --first "$BATCH_FIRST" --workdir "/root/bb-$part" \
+      tj=(${TURBO_JOB:+--turbo-job "$TURBO_JOB"} ${BATCH_TAG:+--tag "$BATCH_TAG"})
+      timeout 570 python benchmarks/bench_batch.py --preset "$p" "${extra[@]}" "${tj[@]}" --repeat "$BATCH_REPEAT" --first "$BATCH_FIRST" --workdir "/root/bb-$part" \
         --model-dir "$BB_MODEL" --tok "$TOK" --results-dir "$OUT" --copy-logs --timeout 400 > "$OUT/batch_$part.log" 2>&1
       echo "batch-all $part rc=$?"; tail -25 "$OUT/batch_$part.log"
     done

@@ -134,3 +134,20 @@ def test_rendered_rows_are_reused_only_for_the_same_job_rows_and_tokenizer(tmp_p
     _render_key(tmp_path, job, rows, warm, model, 1.5)
     (model / "tokenizer.json").write_text('{"changed": 1}')
     assert _cached_render(tmp_path, job, rows, warm, model) is None
+
+
+def test_turbo_job_override_reaches_only_turbo_batchs_job(tmp_path):
+    """--turbo-job merges cluster settings into turbo-batch's job (and the plan says so, so a merge
+    keeps such runs apart); settings that would change what raw vLLM runs are refused."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_batch.py"), "--preset", "cpu-gen-10", "--rows", "8",
+           "--dry-run", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")]  # fmt: skip
+    over = {"cluster": {"rows_in_flight": 1024, "batch_rows": 256}}
+    r = subprocess.run([*cmd, "--turbo-job", json.dumps(over), "--tag", "big"], capture_output=True, text=True,
+                       timeout=300, cwd=REPO)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    job = yaml.safe_load((tmp_path / "w" / "job.yaml").read_text())
+    assert job["cluster"] == {"address": "local", "rows_in_flight": 1024, "batch_rows": 256}
+    assert json.loads((tmp_path / "w" / "plan.json").read_text())["turbo_job_override"] == over
+    bad = subprocess.run([*cmd, "--turbo-job", '{"model": {"engine": {"max_num_seqs": 8}}}'], capture_output=True,
+                         text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert bad.returncode != 0 and "only 'cluster' settings" in bad.stderr

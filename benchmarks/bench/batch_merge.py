@@ -20,7 +20,7 @@ def _same(d: dict[str, Any]) -> dict[str, Any]:
     """What must be equal across parts: the preset, its rows and prompts, the engine (not its folder)."""
     p = d["plan"]
     engine = {k: v for k, v in (p.get("engine_args") or {}).items() if k != "model"}
-    keep = ("kind", "rows", "prompt_tokens", "labels", "max_tokens")
+    keep = ("kind", "rows", "prompt_tokens", "labels", "max_tokens", "turbo_job_override")
     return {"preset": d["preset"], "engine_args": engine} | {k: p.get(k) for k in keep}
 
 

@@ -107,6 +107,10 @@ def prepare(
     pq.write_table(table, inp)
     out_dir = workdir / "turbo_out"
     job = job_dict(preset, model, inp, out_dir, id_col, gold)
+    override = json.loads(getattr(args, "turbo_job", None) or "{}")
+    if set(override) - {"cluster"}:
+        raise SystemExit(f"--turbo-job: only 'cluster' settings (turbo-batch's own), not {sorted(override)}")
+    job["cluster"] = {**job["cluster"], **override.get("cluster", {})}
     spec = JobSpec.model_validate(job)
     job_file = workdir / "job.yaml"
     job_file.write_text(yaml.safe_dump(job, sort_keys=False))
@@ -170,6 +174,7 @@ def prepare(
         "render_once_s": round(render_s, 2),
         "rdl": {"batch_size": 64, "max_concurrent_batches": 8, "placement": preset["rdl_placement"]},
         "job": job,
+        "turbo_job_override": override or None,
     }
     if kind == "generate":
         plan["sampling"] = {"max_tokens": preset["max_tokens"], "temperature": 0.0, "ignore_eos": True,
@@ -199,7 +204,8 @@ def _render_id(job: dict[str, Any], table: Any, warm: Any, model: Path) -> str:
     """What the rendered token ids depend on: the job (prompt, task), the rows, the tokenizer files."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode())
+    prompt_side = {k: v for k, v in job.items() if k != "cluster"}  # dispatch settings change no token
+    h = hashlib.sha256(json.dumps(prompt_side, sort_keys=True, default=str).encode())
     for t in (table, warm):
         for col in t.columns:
             h.update(json.dumps(col.to_pylist(), default=str).encode())
