@@ -13,7 +13,11 @@ Roles: `engine` (the engine actor `ray::Engine*`, vLLM's `VLLM::EngineCore`/work
 dashboard, agents, monitors). A process is seen within `every` s of its start; the CPU it uses in its
 last `every` s before it exits is lost (both small against a window of tens of seconds).
 
-Owns the sampling and the split; it must not start, stop or signal any process.
+Every vLLM engine core in the tree also goes to a `CoreProbe` (coreprobe.py: its environment, its
+threads' CPU, py-spy if asked for), whose window summary `between()` returns as `engine_core`.
+
+Owns the sampling and the split; it must not stop or signal any process (py-spy, started by the
+probe only when asked for, reads the engine core without pausing it).
 """
 
 from __future__ import annotations
