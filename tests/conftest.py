@@ -30,7 +30,6 @@ SLOW_NODEIDS = frozenset(
     {
         "tests/convert/test_memory.py::test_memory_stays_bounded",
         "tests/test_bench_batch.py::test_dry_run_of_the_generate_and_20_label_presets",
-        "tests/test_bench_batch.py::test_turbo_job_override_reaches_only_turbo_batchs_job",
     }
 )
 

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from turbo_batch.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+OVER = {"cluster": {"rows_in_flight": 1024, "batch_rows": 256}}
 
 
 def test_dry_run_of_the_generate_and_20_label_presets(tmp_path):
@@ -24,7 +28,8 @@ def test_dry_run_of_the_generate_and_20_label_presets(tmp_path):
                "gpu-20labels-smollm2"]  # fmt: skip
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_batch.py"), "--preset", ",".join(presets),
-         "--rows", "12", "--dry-run", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")],
+         "--rows", "12", "--dry-run", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r"),
+         "--turbo-job", json.dumps(OVER)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
@@ -34,6 +39,9 @@ def test_dry_run_of_the_generate_and_20_label_presets(tmp_path):
         w = tmp_path / "w" / p
         job = JobSpec.model_validate(yaml.safe_load((w / "job.yaml").read_text()))
         plan = json.loads((w / "plan.json").read_text())
+        # --turbo-job reaches turbo-batch's job only, and the plan says so (a merge keeps such runs apart)
+        assert job.cluster.rows_in_flight == 1024 and job.cluster.batch_rows == 256
+        assert plan["turbo_job_override"] == OVER
         assert pq.read_table(w / "rendered.parquet").num_rows == 12
         if "gen" in p:
             assert job.task.type == "generate" and job.task.max_tokens == int(p.rsplit("-", 1)[1])
@@ -136,18 +144,12 @@ def test_rendered_rows_are_reused_only_for_the_same_job_rows_and_tokenizer(tmp_p
     assert _cached_render(tmp_path, job, rows, warm, model) is None
 
 
-def test_turbo_job_override_reaches_only_turbo_batchs_job(tmp_path):
-    """--turbo-job merges cluster settings into turbo-batch's job (and the plan says so, so a merge
-    keeps such runs apart); settings that would change what raw vLLM runs are refused."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_batch.py"), "--preset", "cpu-gen-10", "--rows", "8",
-           "--dry-run", "--workdir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r")]  # fmt: skip
-    over = {"cluster": {"rows_in_flight": 1024, "batch_rows": 256}}
-    r = subprocess.run([*cmd, "--turbo-job", json.dumps(over), "--tag", "big"], capture_output=True, text=True,
-                       timeout=300, cwd=REPO)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    job = yaml.safe_load((tmp_path / "w" / "job.yaml").read_text())
-    assert job["cluster"] == {"address": "local", "rows_in_flight": 1024, "batch_rows": 256}
-    assert json.loads((tmp_path / "w" / "plan.json").read_text())["turbo_job_override"] == over
-    bad = subprocess.run([*cmd, "--turbo-job", '{"model": {"engine": {"max_num_seqs": 8}}}'], capture_output=True,
-                         text=True, timeout=300, cwd=REPO)  # fmt: skip
-    assert bad.returncode != 0 and "only 'cluster' settings" in bad.stderr
+def test_turbo_job_override_takes_cluster_settings_only():
+    """--turbo-job: settings that would change what raw vLLM runs are refused (the dry run above shows
+    cluster settings reaching turbo-batch's job)."""
+    from bench.prepare import turbo_job_override
+
+    for bad in ('{"model": {"engine": {"max_num_seqs": 8}}}', '{"cluster": {}, "sampling": {}}', "[1]"):
+        with pytest.raises(SystemExit, match="only 'cluster' settings"):
+            turbo_job_override(bad)
+    assert turbo_job_override(None) == {}

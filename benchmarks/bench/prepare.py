@@ -107,9 +107,7 @@ def prepare(
     pq.write_table(table, inp)
     out_dir = workdir / "turbo_out"
     job = job_dict(preset, model, inp, out_dir, id_col, gold)
-    override = json.loads(getattr(args, "turbo_job", None) or "{}")
-    if set(override) - {"cluster"}:
-        raise SystemExit(f"--turbo-job: only 'cluster' settings (turbo-batch's own), not {sorted(override)}")
+    override = turbo_job_override(getattr(args, "turbo_job", None))
     job["cluster"] = {**job["cluster"], **override.get("cluster", {})}
     spec = JobSpec.model_validate(job)
     job_file = workdir / "job.yaml"
@@ -198,6 +196,15 @@ def prepare(
                                    "structured_outputs": {"choice": labels}}  # fmt: skip
     (workdir / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
     return plan
+
+
+def turbo_job_override(text: str | None) -> dict[str, Any]:
+    """--turbo-job's JSON: cluster settings only (the dispatcher's, turbo-batch's own); anything that
+    would change what raw vLLM runs (model, engine, sampling, prompt) is refused."""
+    override = json.loads(text or "{}")
+    if not isinstance(override, dict) or set(override) - {"cluster"}:
+        raise SystemExit(f"--turbo-job: only 'cluster' settings (turbo-batch's own), not {override!r}")
+    return override
 
 
 def _render_id(job: dict[str, Any], table: Any, warm: Any, model: Path) -> str:
