@@ -121,7 +121,13 @@ def test_rendered_rows_are_reused_only_for_the_same_job_rows_and_tokenizer(tmp_p
     job, other rows or a changed tokenizer file renders again, and files a render left behind without
     finishing are never taken."""
     import pyarrow as pa
-    from bench.prepare import _cached_render, _render_key
+    from bench.prepare import _cached_render, _render_id, _render_key
+
+    def cached(job, rows, warm, model):
+        return _cached_render(tmp_path, _render_id(job, rows, warm, model))
+
+    def key(job, rows, warm, model, took):
+        return _render_key(tmp_path, _render_id(job, rows, warm, model), took)
 
     model = tmp_path / "m"
     model.mkdir()
@@ -129,19 +135,19 @@ def test_rendered_rows_are_reused_only_for_the_same_job_rows_and_tokenizer(tmp_p
     job, rows, warm = {"prompt": {"system": "a"}}, pa.table({"id": [1, 2], "text": ["x", "y"]}), pa.table({"id": [3], "text": ["z"]})  # fmt: skip
     made = {"rendered": [{"row_id": 1, "prompt_ids": [5, 6]}, {"row_id": 2, "prompt_ids": [7]}],
             "warmup": [{"row_id": 3, "prompt_ids": [8]}]}  # fmt: skip
-    assert _cached_render(tmp_path, job, rows, warm, model) is None
+    assert cached(job, rows, warm, model) is None
     for part, rs in made.items():
         pq.write_table(pa.Table.from_pylist(rs), tmp_path / f"{part}.parquet")
-    assert _render_key(tmp_path, job, rows, warm, model, 1.5) == 1.5
-    assert _cached_render(tmp_path, job, rows, warm, model) == made
-    assert _render_key(tmp_path, job, rows, warm, model, 0.01) == 1.5  # a reuse reports the render's time
-    assert _cached_render(tmp_path, job, pa.table({"id": [1, 2], "text": ["x", "Y"]}), warm, model) is None
+    assert key(job, rows, warm, model, 1.5) == 1.5
+    assert cached(job, rows, warm, model) == made
+    assert key(job, rows, warm, model, 0.01) == 1.5  # a reuse reports the render's time
+    assert cached(job, pa.table({"id": [1, 2], "text": ["x", "Y"]}), warm, model) is None
     assert not (tmp_path / "rendered.key").exists()  # a miss drops the key: half-written files are no one's
-    _render_key(tmp_path, job, rows, warm, model, 1.5)
-    assert _cached_render(tmp_path, {"prompt": {"system": "b"}}, rows, warm, model) is None
-    _render_key(tmp_path, job, rows, warm, model, 1.5)
+    key(job, rows, warm, model, 1.5)
+    assert cached({"prompt": {"system": "b"}}, rows, warm, model) is None
+    key(job, rows, warm, model, 1.5)
     (model / "tokenizer.json").write_text('{"changed": 1}')
-    assert _cached_render(tmp_path, job, rows, warm, model) is None
+    assert cached(job, rows, warm, model) is None
 
 
 def test_turbo_job_override_takes_cluster_settings_only():

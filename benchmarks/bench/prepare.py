@@ -120,7 +120,8 @@ def prepare(
          ("gold", pa.string())]
     )  # fmt: skip
     t0 = time.perf_counter()
-    rendered = _cached_render(workdir, job, table, warm, model)
+    rid = _render_id(job, table, warm, model)
+    rendered = _cached_render(workdir, rid)
     for part, tab in (("rendered", table), ("warmup", warm)) if rendered is None else ():
         rows = []
         for row in tab.to_pylist():
@@ -135,7 +136,7 @@ def prepare(
         rendered[part] = rows
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), workdir / f"{part}.parquet")
     render_s = time.perf_counter() - t0
-    render_s = _render_key(workdir, job, table, warm, model, render_s)
+    render_s = _render_key(workdir, rid, render_s)
     lens = [len(r["prompt_ids"]) for r in rendered["rendered"]]
 
     # Engine args as turbo-batch resolves them on this machine's device (the child detected it).
@@ -221,7 +222,7 @@ def _render_id(job: dict[str, Any], table: Any, warm: Any, model: Path) -> str:
     return h.hexdigest()
 
 
-def _cached_render(workdir: Path, job: dict[str, Any], table: Any, warm: Any, model: Path) -> dict | None:
+def _cached_render(workdir: Path, rid: str) -> dict | None:
     """The rendered rows of an earlier run of the same job, rows and tokenizer in this workdir (a GPU
     lease runs one preset in several device commands: rendering 20,000 SmolLM2 rows took ~50 s each)."""
     import pyarrow.parquet as pq
@@ -229,7 +230,7 @@ def _cached_render(workdir: Path, job: dict[str, Any], table: Any, warm: Any, mo
     path = workdir / "rendered.key"
     try:
         key = json.loads(path.read_text())
-        if key["id"] != _render_id(job, table, warm, model):
+        if key["id"] != rid:
             raise KeyError("another job")
         out = {
             part: pq.read_table(workdir / f"{part}.parquet").to_pylist() for part in ("rendered", "warmup")
@@ -241,11 +242,10 @@ def _cached_render(workdir: Path, job: dict[str, Any], table: Any, warm: Any, mo
     return out
 
 
-def _render_key(workdir: Path, job: dict[str, Any], table: Any, warm: Any, model: Path, took: float) -> float:
+def _render_key(workdir: Path, rid: str, took: float) -> float:
     """Record what the rendered files were made from; returns the render's own seconds (a reuse reports
     the original render's)."""
     path = workdir / "rendered.key"
-    rid = _render_id(job, table, warm, model)
     try:
         key = json.loads(path.read_text())
         if key.get("id") == rid:
