@@ -12,6 +12,9 @@ engines never overlap (benchmarks/bench/: common helpers, presets, prepare, one 
                 2 x max_num_seqs requests in vLLM, topped up 32 at a time as they finish (LLMEngine
                 add_request/step); tells vLLM's own cost of rows arriving through a run from the
                 rest of turbo-batch's difference (opt-in: --variants raw,raw_window,turbo).
+  raw_burst     as raw_window, with 8 x max_num_seqs in vLLM topped up 256 at a time: whether vLLM
+                itself runs faster fed in larger, rarer bursts (turbo-batch's rows_in_flight 1024,
+                batch_rows 256); opt-in.
   turbo         the product: `python -m turbo_batch.cli run job.yaml --quiet --restart`; rows/s = rows /
                 `_summary.json` wall_s (engines ready -> last row committed; engine start excluded).
   ray_data_llm  `ray.data.llm` fed `tokenized_prompt`; rows/s from the first request's arrival in vLLM to
@@ -86,7 +89,7 @@ def run_all(
     errors: dict[str, dict[str, str]] = {p: {} for p in presets}
     groups: dict[str, list[str]] = {}
     for p in presets:
-        modes = [v for v in variants[p] if v in ("raw", "raw_window", "raw_guided")]
+        modes = [v for v in variants[p] if v in ("raw", "raw_window", "raw_burst", "raw_guided")]
         if modes:
             plans[p]["raw_modes"] = modes
             (dirs[p] / "plan.json").write_text(json.dumps(plans[p], indent=2, default=str))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -447,17 +449,23 @@ def test_merging_a_merged_file_keeps_each_parts_host_cpu():
     assert [r["host_cpu_excl_engine"] for r in again["results"]["turbo"]["runs"]] == [None, 2.5, 2.0]
 
 
-def test_core_probe_reads_a_real_engine_core(tmp_path):
+@pytest.mark.parametrize("spy", ["found", "missing"])
+def test_core_probe_reads_a_real_engine_core(tmp_path, monkeypatch, spy):
     """bench/coreprobe.py through HostCpu's poll: a process titled like vLLM's engine core gets its
     settings (an OMP_NUM_THREADS it was started with), and its threads' CPU in the window tells the
-    busy side thread from the idle main thread; with py-spy, the window's segments are merged."""
+    busy side thread from the idle main thread; with py-spy, the window's segments are merged, and
+    without one the results say so rather than leaving the profile out silently."""
     import os
     import shlex
     import subprocess
     import time
 
+    import pyspy
     from bench.hostcpu import HostCpu
-    from pyspy import pyspy_binary
+
+    if spy == "missing":
+        monkeypatch.setattr(pyspy, "pyspy_binary", lambda: None)
+    pyspy_binary = pyspy.pyspy_binary
 
     py = shlex.quote(str(Path(sys.executable).resolve()))
     code = (
@@ -471,8 +479,7 @@ def test_core_probe_reads_a_real_engine_core(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "3", "RAY_SECRET_TOKEN": "x"}
     p = subprocess.Popen(["bash", "-c", f'exec -a "VLLM::EngineCore" {py} {tmp_path / "core.py"}'], env=env)
     m = HostCpu(p.pid, every=0.1, workdir=tmp_path)
-    if pyspy_binary():
-        m.core.segment_s = 1
+    m.core.segment_s = 1
     m.start()
     t0 = time.time()
     p.wait()
@@ -488,6 +495,8 @@ def test_core_probe_reads_a_real_engine_core(tmp_path):
         prof = core.get("pyspy")
         assert prof and prof["segments"] >= 1, core
         assert any("spin" in f for f, _ in prof["top_self"]), prof["top_self"]
+    else:
+        assert core["pyspy"] == {"error": "no py-spy binary"}, core
 
 
 def test_raw_window_feeds_vllm_as_the_dispatcher_does():
@@ -515,6 +524,13 @@ def test_raw_window_feeds_vllm_as_the_dispatcher_does():
             self.peak = max(self.peak, len(self.live))
             done, self.live = self.live[-3:][::-1], self.live[:-3]  # the newest finish first
             return [NS(request_id=f"{r}-abcd1234", finished=True, prompt=r) for r in done]
+
+    from bench.presets import VARIANTS
+    from bench.raw import FEEDS
+
+    # every windowed feed is a variant bench_batch.py accepts, and its top-up fits in its window
+    assert set(FEEDS) <= set(VARIANTS) and all(per * 128 >= top for per, top in FEEDS.values())
+    assert FEEDS["raw_window"] == (2, 32)  # turbo-batch's defaults: rows_in_flight 2 x seqs, batch_rows 32
 
     eng = Engine()
     outs = generate_windowed(NS(llm_engine=eng), [f"p{i}" for i in range(50)], None, window=8, batch=4)

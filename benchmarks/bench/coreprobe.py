@@ -80,6 +80,7 @@ class CoreProbe:
         self.facts: dict[int, dict[str, Any]] = {}
         self.samples: dict[int, list[tuple[float, dict[int, tuple[str, float]]]]] = defaultdict(list)
         self.segments: dict[int, list[tuple[float, float, Path, int]]] = defaultdict(list)
+        self.pyspy_error: dict[int, str] = {}  # asked for py-spy, got none: why (e.g. "no py-spy binary")
         self._stop = threading.Event()
         self._profilers: list[threading.Thread] = []
 
@@ -105,6 +106,7 @@ class CoreProbe:
             t0 = time.time()
             rec = Recording.start(pid, self.segment_s, out, rate=100)
             if rec.proc is None:
+                self.pyspy_error[pid] = rec.error or "py-spy did not start"
                 return
             rec.proc.wait()
             self.segments[pid].append((t0, time.time(), out, self.segment_s * 100))
@@ -149,5 +151,7 @@ class CoreProbe:
                     "seconds": round(sum(e - s for s, e, _, _ in segs), 1),
                     **summary(merged, top=20, ticks=sum(n for *_, n in segs)),
                 }
+            elif pid in self.pyspy_error:  # asked for a profile: say why there is none
+                core["pyspy"] = {"error": self.pyspy_error[pid]}
             cores.append(core)
         return {"cores": cores} if cores else None

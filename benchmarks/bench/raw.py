@@ -3,7 +3,8 @@
 Presets whose engine args are equal share one engine (one start instead of one per preset); the
 prefix cache is reset before every timed call, so no workload reuses another's (or its own warm-up's)
 cached blocks. Modes: raw (one pass for classify, the job's sampling for generate), raw_window (raw's
-sampling, fed as turbo-batch's dispatcher feeds an engine: a bounded window topped up in batches) and
+sampling, fed as turbo-batch's dispatcher feeds an engine: a bounded window topped up in batches),
+raw_burst (the same, a 4x larger window topped up in bursts of 256) and
 raw_guided (guided choice over the labels, max_tokens = longest label in characters + 1: any spelling
 fits).
 
@@ -86,6 +87,12 @@ def _attach_load_meter(llm: Any) -> LoadMeter | None:
     return meter
 
 
+# Windowed feeds: mode -> (requests in vLLM at most, in units of max_num_seqs; top-up size in rows).
+# raw_window is turbo-batch's default dispatch (rows_in_flight 2 x max_num_seqs, batch_rows 32);
+# raw_burst keeps 4x as many waiting and tops up in bursts of 256 (is vLLM cheaper fed that way?).
+FEEDS = {"raw_window": (2, 32), "raw_burst": (8, 256)}
+
+
 def generate_windowed(llm: Any, prompts: list[Any], params: Any, window: int, batch: int) -> list[Any]:
     """`prompts` through `llm`'s engine with at most `window` requests in vLLM at once, topped up `batch`
     at a time as requests finish: the arrival pattern of turbo-batch's dispatcher (rows_in_flight =
@@ -145,8 +152,10 @@ def child_raw(workdirs: dict[str, Path]) -> None:
             warm_s = time.perf_counter() - t1
             _reset_cache(llm)
             t1, w0, l0 = time.perf_counter(), time.time(), meter and meter.reading()
-            if mode == "raw_window":
-                outs = generate_windowed(llm, prompts, sp, 2 * eargs.get("max_num_seqs", 128), 32)
+            if mode in FEEDS:
+                per, top_up = FEEDS[mode]
+                window = per * eargs.get("max_num_seqs", 128)
+                outs = generate_windowed(llm, prompts, sp, window, top_up)
             else:
                 outs = llm.generate(prompts, sp, use_tqdm=False)
             gen_s, w1, l1 = time.perf_counter() - t1, time.time(), meter and meter.reading()
@@ -162,10 +171,11 @@ def child_raw(workdirs: dict[str, Path]) -> None:
                     "rows_per_s": len(rows) / gen_s,
                     "output_tokens_per_s": out_tok / gen_s if out_tok else None,
                     "method": (
-                        "rows / every row through LLMEngine add_request/step with at most 2 x max_num_seqs "
-                        "in vLLM, topped up 32 at a time (as turbo-batch feeds an engine), after warm-up "
-                        "and a prefix-cache reset"
-                        if mode == "raw_window"
+                        f"rows / every row through LLMEngine add_request/step with at most {FEEDS[mode][0]} x "
+                        f"max_num_seqs in vLLM, topped up {FEEDS[mode][1]} at a time"
+                        + (" (as turbo-batch feeds an engine)" if mode == "raw_window" else "")
+                        + ", after warm-up and a prefix-cache reset"
+                        if mode in FEEDS
                         else "rows / one llm.generate(all rows) call, after warm-up on other rows and a "
                         "prefix-cache reset"
                     ),

@@ -241,6 +241,8 @@ def core_lines(d: dict[str, Any]) -> list[str]:
             if prof.get("top_self"):
                 top = ", ".join(f"`{f}` {100 * x:.0f}%" for f, x in prof["top_self"][:6])
                 line += f"; py-spy ({prof['seconds']} s in the window), top frames by own time: {top}"
+            elif prof.get("error"):
+                line += f"; no py-spy profile ({prof['error']})"
             out.append(line)
         if r.get("env_override"):
             out.append(f"- {v} ran with {json.dumps(r['env_override'])} added to its environment.")
