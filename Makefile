@@ -19,7 +19,7 @@ lint: setup
 
 test: setup lint
 	$(BIN)/turbo-batch fetch-demo
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=30
 
 # Tests whose fixtures reach a real engine or Ray are marked slow by tests/conftest.py; TB_FAST_LANE
 # makes a test that starts Ray by itself fail, so it gets marked instead of slowing this lane down.

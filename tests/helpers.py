@@ -41,7 +41,7 @@ def job_dict(model: Path, inp: Path | str, out: Path | str, task: dict | None = 
 
 def run_cluster_script(script: Path, job: Path, root: Path) -> tuple[subprocess.CompletedProcess, dict]:
     """Run `script JOB` (a job on a Ray cluster the script builds itself) with outputs under `root`;
-    returns the process and the JSON of its last stdout line (the script's result)."""
+    returns the process and its last stdout line that is a JSON object (the script's result)."""
     env = {**os.environ, "TURBO_BATCH_OUTPUT_ROOT": str(root)}
     env.pop("RAY_ADDRESS", None)  # its own cluster, never the session's
     r = subprocess.run(
@@ -53,4 +53,5 @@ def run_cluster_script(script: Path, job: Path, root: Path) -> tuple[subprocess.
         timeout=900,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    return r, json.loads(r.stdout.strip().splitlines()[-1])
+    # the script's result is its last JSON line: Ray may print a dead raylet's log tail after it
+    return r, json.loads(next(ln for ln in reversed(r.stdout.splitlines()) if ln.startswith("{")))

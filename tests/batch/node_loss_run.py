@@ -29,7 +29,17 @@ NODE = {"num_cpus": 1, "resources": {"engine_node": 1}}
 
 def main(job_path: str) -> None:
     job = JobSpec.model_validate(yaml.safe_load(Path(job_path).read_text()))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    # The GCS marks a node dead after `failure_threshold` missed health checks: 1 s x 2 here instead of
+    # Ray's 3 s x 5, so the test waits ~2 s, not ~15 s, before the engine can restart elsewhere.
+    fast_death = {
+        "health_check_period_ms": 1000,
+        "health_check_timeout_ms": 1000,
+        "health_check_failure_threshold": 2,
+    }
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "include_dashboard": False, "_system_config": fast_death},
+    )
     worker = cluster.add_node(**NODE)
     ray.init(address=cluster.address, log_to_driver=False)
 
