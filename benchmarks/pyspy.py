@@ -48,9 +48,9 @@ def cpu_s(pid: int | None) -> float | None:
         return None
 
 
-def thread_cpu(pid: int | None) -> dict[str, float]:
-    """CPU seconds each thread of a process has used so far, summed by thread name (/proc/<pid>/task)."""
-    out: dict[str, float] = {}
+def thread_cpu_by_tid(pid: int | None) -> dict[int, tuple[str, float]]:
+    """Per live thread of a process (/proc/<pid>/task): its name and the CPU seconds it has used so far."""
+    out: dict[int, tuple[str, float]] = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except (OSError, TypeError):
@@ -58,10 +58,17 @@ def thread_cpu(pid: int | None) -> dict[str, float]:
     for tid in tids:
         try:
             name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:  # the thread ended
+            out[int(tid)] = (name, stat_cpu_s(Path(f"/proc/{pid}/task/{tid}/stat").read_text()))
+        except (OSError, ValueError, IndexError):  # the thread ended
             continue
-        out[name] = out.get(name, 0.0) + stat_cpu_s(stat)
+    return out
+
+
+def thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds each thread of a process has used so far, summed by thread name."""
+    out: dict[str, float] = {}
+    for name, cpu in thread_cpu_by_tid(pid).values():
+        out[name] = out.get(name, 0.0) + cpu
     return out
 
 

@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pyspy import Recording, stat_cpu_s, summary  # benchmarks/pyspy.py
+from pyspy import Recording, summary, thread_cpu_by_tid  # benchmarks/pyspy.py
 
 ENV_KEYS = re.compile(
     r"^(OMP_|MKL_|OPENBLAS_|GOTO|MALLOC_|LD_PRELOAD|PYTHONMALLOC|PYTHONOPTIMIZE|CUDA_|NCCL_|"
@@ -57,21 +57,6 @@ def core_facts(pid: int) -> dict[str, Any]:
     return facts
 
 
-def _threads(pid: int) -> dict[int, tuple[str, float]]:
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-            out[int(tid)] = (comm, stat_cpu_s(Path(f"/proc/{pid}/task/{tid}/stat").read_text()))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
 class CoreProbe:
     def __init__(self, workdir: Path | None = None, segment_s: int | None = None):
         seg = segment_s if segment_s is not None else int(os.environ.get("BENCH_CORE_PYSPY", "0") or 0)
@@ -96,7 +81,7 @@ class CoreProbe:
                     t = threading.Thread(target=self._profile, args=(pid,), name="coreprobe", daemon=True)
                     t.start()
                     self._profilers.append(t)
-            self.samples[pid].append((now, _threads(pid)))
+            self.samples[pid].append((now, thread_cpu_by_tid(pid)))
 
     def _profile(self, pid: int) -> None:
         assert self.workdir is not None
