@@ -70,7 +70,7 @@ from bench.common import (  # noqa: F401
 )
 from bench.gpumeter import GpuMeter
 from bench.prepare import job_dict, prepare  # noqa: F401
-from bench.presets import PRESETS, VARIANTS
+from bench.presets import PRESETS, VARIANTS, pick_variants
 from bench.report import agreement, headline, median_result, table, write_generate_summary, write_results
 
 
@@ -166,7 +166,9 @@ def main() -> None:
         "--preset", default="cpu-smollm2", help=f"one or several, comma-separated: {sorted(PRESETS)}"
     )
     ap.add_argument(
-        "--variants", default=None, help=f"comma-separated, from {VARIANTS} (default: the preset's)"
+        "--variants",
+        default=None,
+        help=f"comma-separated, from {VARIANTS} (default: the preset's); raw vLLM's modes run in this order",
     )
     ap.add_argument(
         "--rows", default=None, help="rows per preset: N, or preset=N,preset=N (default: the preset's)"
@@ -236,13 +238,10 @@ def main() -> None:
             child_rdl(root)
         return
 
-    want = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    if want and [v for v in want if v not in VARIANTS]:
-        ap.error(f"unknown variant(s) {[v for v in want if v not in VARIANTS]}; choose from {VARIANTS}")
-    variants = {p: [v for v in VARIANTS if v in (want or PRESETS[p]["variants"])] for p in presets}
-    for p in presets:  # guided choice only where there are labels to choose from
-        if PRESETS[p]["kind"] != "labels" and "raw_guided" in variants[p]:
-            variants[p].remove("raw_guided")
+    try:
+        variants = {p: pick_variants(p, args.variants) for p in presets}
+    except ValueError as e:
+        ap.error(str(e))
     load0 = os.getloadavg()
     t_all = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)

@@ -537,3 +537,17 @@ def test_raw_window_feeds_vllm_as_the_dispatcher_does():
     assert [o.prompt for o in outs] == [f"w{i}" for i in range(50)]
     assert eng.peak <= 8 and eng.adds[0] == 8
     assert all(n % 4 == 0 for n in eng.adds[:-1]) and sum(eng.adds) == 50
+
+
+def test_variants_run_in_the_order_asked():
+    """bench/presets.pick_variants: --variants keeps its order (raw vLLM's modes share one engine, one
+    after another), drops repeats and guided choice where there are no labels, names unknown ones;
+    without --variants, the preset's own."""
+    from bench.presets import PRESETS, pick_variants
+
+    assert pick_variants("gpu-gen-200", "raw_window,raw,turbo,raw") == ["raw_window", "raw", "turbo"]
+    assert pick_variants("gpu-gen-200", "raw_guided,raw") == ["raw"]
+    assert pick_variants("gpu-20labels-smollm2", "raw_guided,raw") == ["raw_guided", "raw"]
+    assert set(pick_variants("gpu-gen-200", None)) == set(PRESETS["gpu-gen-200"]["variants"])
+    with pytest.raises(ValueError, match="raw_fast"):
+        pick_variants("gpu-gen-200", "raw,raw_fast")

@@ -87,3 +87,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "n_labels": 20, "label_tokens": 6, "system": _LABELS_SYSTEM,
                      "variants": ["raw", "raw_guided", "turbo", "ray_data_llm"]},
 }  # fmt: skip
+
+
+def pick_variants(preset: str, asked: str | None) -> list[str]:
+    """The variants to run for `preset`: those asked for (comma-separated), in the order asked, since
+    raw vLLM's modes share one engine one after another and the order can matter; else the preset's.
+    Guided choice only where there are labels to choose from. ValueError names an unknown variant."""
+    if not asked:
+        out = [v for v in VARIANTS if v in PRESETS[preset]["variants"]]
+    else:
+        out = list(dict.fromkeys(v.strip() for v in asked.split(",") if v.strip()))
+        unknown = [v for v in out if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+    return [v for v in out if v != "raw_guided" or PRESETS[preset]["kind"] == "labels"]
