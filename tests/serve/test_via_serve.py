@@ -121,6 +121,9 @@ def test_batch_via_serve_matches_own_engines(served, tiny_pool, tiny_model, out_
     for k in a:
         assert a[k]["probs"]["positive"] == pytest.approx(b[k]["probs"]["positive"], abs=1e-4)
     assert s_via["engines"][0]["serve_app"] == served.spec.name
+    # the one replica's scheduler load over the job's window: these rows and the online requests beside them
+    load = s_via["engines"][0]["load"]
+    assert load["steps"] >= 1 and load["prompt_tokens"] >= sum(v["prompt_tokens"] for v in b.values())
 
 
 @pytest.mark.slow

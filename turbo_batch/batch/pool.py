@@ -204,7 +204,7 @@ class EnginePool:
             cap = job.cluster.rows_in_flight or 2 * seqs
             name = f"engine-{i}-{t}" if t else f"engine-{i}"
             pool.slots.append(
-                Slot(name, _actor_call(actor), info, cap, ping=_actor_ping(actor), load=_actor_load(actor))
+                Slot(name, _actor_call(actor), info, cap, ping=_actor_ping(actor), load=_remote_load(actor))
             )
         return pool
 
@@ -251,9 +251,11 @@ def _actor_ping(actor: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
     return ping
 
 
-def _actor_load(actor: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
+def _remote_load(remote: Any) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An engine's load reading through its actor handle or its Serve deployment handle."""
+
     async def load():  # looked up per call: a reused engine started by an older turbo-batch has none
-        return await actor.load.remote()
+        return await remote.load.remote()
 
     return load
 
@@ -311,7 +313,9 @@ class ServePool:
         _check_model(job, info, app)
         per_replica = job.cluster.rows_in_flight or 2 * int(info.get("max_num_seqs") or 64)
         info = {**info, "serve_app": app, "replicas": replicas}
-        slot = Slot(f"serve:{app}", _serve_call(handle), info, capacity=replicas * per_replica)
+        # A handle call lands on any replica: a load reading describes the app's engine only when it has one.
+        load = _remote_load(handle) if replicas == 1 else None
+        slot = Slot(f"serve:{app}", _serve_call(handle), info, capacity=replicas * per_replica, load=load)
         return cls(app, handle, [slot])
 
     async def close(self, force: bool = False) -> None:

@@ -4,7 +4,7 @@
 `LocalEngine` over an `EngineReplica` in the same process, so the tokens of a stream go from vLLM to
 the HTTP response without a Serve handle hop (each hop item is a Ray object: thousands a second at
 high concurrency). The deployment keeps the Engine deployment's name and handle methods (`info`,
-`run_rows`, `check_health`, `reconfigure`), so batch jobs with `--via-serve` and the online-first gate
+`load`, `run_rows`, `check_health`, `reconfigure`), so batch jobs with `--via-serve` and the online-first gate
 work as in the split layout. Serve's proxy routes HTTP requests to these replicas; with layout `direct`
 each replica also serves the app on its own port (direct.py) and clients skip the proxy.
 No Serve options here (app.py sets them); no routes here (ingress.py).
@@ -39,6 +39,9 @@ class EngineApi(Api):
 
     def num_unfinished(self) -> int:
         return self.replica.num_unfinished()
+
+    def load(self) -> dict[str, Any]:
+        return self.replica.load()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.replica.reconfigure(config)

@@ -127,6 +127,10 @@ class EngineReplica:
     def num_unfinished(self) -> int:
         return self.engine.num_unfinished()
 
+    def load(self) -> dict[str, Any]:
+        """The engine's scheduler load so far (engine/load.py): online and batch requests together."""
+        return self.engine.load()
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 
