@@ -70,7 +70,7 @@ from bench.common import (  # noqa: F401
 )
 from bench.gpumeter import GpuMeter
 from bench.prepare import job_dict, prepare  # noqa: F401
-from bench.presets import PRESETS, VARIANTS, pick_variants
+from bench.presets import PRESETS, RAW_MODES, VARIANTS, pick_variants
 from bench.report import agreement, headline, median_result, table, write_generate_summary, write_results
 
 
@@ -89,7 +89,7 @@ def run_all(
     errors: dict[str, dict[str, str]] = {p: {} for p in presets}
     groups: dict[str, list[str]] = {}
     for p in presets:
-        modes = [v for v in variants[p] if v in ("raw", "raw_window", "raw_burst", "raw_guided")]
+        modes = [v for v in variants[p] if v in RAW_MODES]
         if modes:
             plans[p]["raw_modes"] = modes
             (dirs[p] / "plan.json").write_text(json.dumps(plans[p], indent=2, default=str))

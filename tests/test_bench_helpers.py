@@ -525,11 +525,11 @@ def test_raw_window_feeds_vllm_as_the_dispatcher_does():
             done, self.live = self.live[-3:][::-1], self.live[:-3]  # the newest finish first
             return [NS(request_id=f"{r}-abcd1234", finished=True, prompt=r) for r in done]
 
-    from bench.presets import VARIANTS
+    from bench.presets import RAW_MODES
     from bench.raw import FEEDS
 
-    # every windowed feed is a variant bench_batch.py accepts, and its top-up fits in its window
-    assert set(FEEDS) <= set(VARIANTS) and all(per * 128 >= top for per, top in FEEDS.values())
+    # every windowed feed is a raw mode bench_batch.py runs, and its top-up fits in its window
+    assert set(FEEDS) <= set(RAW_MODES) and all(per * 128 >= top for per, top in FEEDS.values())
     assert FEEDS["raw_window"] == (2, 32)  # turbo-batch's defaults: rows_in_flight 2 x seqs, batch_rows 32
 
     eng = Engine()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-VARIANTS = ("raw", "raw_window", "raw_burst", "raw_guided", "turbo", "ray_data_llm")
+RAW_MODES = ("raw", "raw_window", "raw_burst", "raw_guided")  # raw vLLM's, one engine (bench/raw.py)
+VARIANTS = (*RAW_MODES, "turbo", "ray_data_llm")
 
 _CPU_RT = {  # the demo's data and model section on the CPU box (Rotten Tomatoes)
     "kind": "classify",

@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from turbo_batch.batch.pool import IN_FLIGHT_PER_SEQ
 from turbo_batch.engine.load import LoadMeter
 from turbo_batch.engine.load import window as load_window
+from turbo_batch.spec import ClusterSpec
 
 from .common import emit, label_of, load_plan, log, read_rendered, same_niceness_as_ray, write_outputs
 
@@ -88,9 +90,13 @@ def _attach_load_meter(llm: Any) -> LoadMeter | None:
 
 
 # Windowed feeds: mode -> (requests in vLLM at most, in units of max_num_seqs; top-up size in rows).
-# raw_window is turbo-batch's default dispatch (rows_in_flight 2 x max_num_seqs, batch_rows 32);
-# raw_burst keeps 4x as many waiting and tops up in bursts of 256 (is vLLM cheaper fed that way?).
-FEEDS = {"raw_window": (2, 32), "raw_burst": (8, 256)}
+# raw_window is turbo-batch's default dispatch (rows_in_flight 2 x max_num_seqs, batch_rows 32), read
+# from turbo-batch itself; raw_burst keeps 4x as many and tops up in bursts of 256 (is vLLM cheaper fed
+# that way?).
+FEEDS = {
+    "raw_window": (IN_FLIGHT_PER_SEQ, ClusterSpec.model_fields["batch_rows"].default),
+    "raw_burst": (4 * IN_FLIGHT_PER_SEQ, 256),
+}
 
 
 def generate_windowed(llm: Any, prompts: list[Any], params: Any, window: int, batch: int) -> list[Any]:

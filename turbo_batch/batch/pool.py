@@ -56,6 +56,15 @@ class Slot:
         return int(self.info.get("max_model_len") or 0)
 
 
+# Rows kept in one engine at once, per vLLM sequence slot, where cluster.rows_in_flight is not set: a
+# full batch running and as many waiting, so a finished request is replaced without a round trip.
+IN_FLIGHT_PER_SEQ = 2
+
+
+def rows_in_flight(job: JobSpec, max_num_seqs: int) -> int:
+    return job.cluster.rows_in_flight or IN_FLIGHT_PER_SEQ * max_num_seqs
+
+
 class Pool(Protocol):
     """What the driver needs of a set of engines."""
 
@@ -200,8 +209,7 @@ class EnginePool:
         infos = await asyncio.gather(*(a.info.remote() for a in actors))
         pool.start_s = time.monotonic() - t0
         for i, (actor, info, t) in enumerate(zip(actors, infos, types, strict=True)):
-            seqs = int(info.get("max_num_seqs") or 64)
-            cap = job.cluster.rows_in_flight or 2 * seqs
+            cap = rows_in_flight(job, int(info.get("max_num_seqs") or 64))
             name = f"engine-{i}-{t}" if t else f"engine-{i}"
             pool.slots.append(
                 Slot(name, _actor_call(actor), info, cap, ping=_actor_ping(actor), load=_remote_load(actor))
@@ -311,7 +319,7 @@ class ServePool:
         handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app)
         info = await handle.info.remote()
         _check_model(job, info, app)
-        per_replica = job.cluster.rows_in_flight or 2 * int(info.get("max_num_seqs") or 64)
+        per_replica = rows_in_flight(job, int(info.get("max_num_seqs") or 64))
         info = {**info, "serve_app": app, "replicas": replicas}
         # A handle call lands on any replica: a load reading describes the app's engine only when it has one.
         load = _remote_load(handle) if replicas == 1 else None
