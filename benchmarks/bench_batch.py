@@ -30,6 +30,8 @@ target 1.2). Writes benchmarks/results/batch_<preset>.{json,md}.
     python benchmarks/bench_batch.py --preset gpu-20labels --dry-run      # anywhere: data + job only
     python benchmarks/bench_batch.py --merge a/batch_gpu-gen-10.json b/batch_gpu-gen-10.json  # one preset's
         # runs from several processes (GPU halves, device commands) -> medians in one results file
+    python benchmarks/bench_batch.py --join a/batch_gpu-20labels.json b/batch_gpu-20labels.json --results-dir j
+        # one lease's commands that each ran other variants (rdl, then turbo) -> one part for --merge
 """
 
 from __future__ import annotations
@@ -199,12 +201,17 @@ def main() -> None:
     )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     ap.add_argument("--merge", nargs="+", default=None, help="results JSONs of one preset's runs -> one file")
+    ap.add_argument(
+        "--join", nargs="+", default=None,
+        help="results JSONs of consecutive commands of one lease, other variants in each -> one part",
+    )  # fmt: skip
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.merge:
-        from bench.batch_merge import merge
+    if args.merge or args.join:
+        from bench.batch_merge import join, merge
 
-        data = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        files = [json.loads(Path(f).read_text()) for f in (args.merge or args.join)]
+        data = merge(files) if args.merge else join(files)
         # a merge is read anew: the parts' notes describe the parts
         data["note"] = args.note or data["note"]
         out = Path(args.results_dir) / f"batch_{data['preset']}.json"

@@ -313,6 +313,42 @@ def test_batch_merge_headline_pairs_runs_of_one_part(tmp_path):
     assert out["gen-10"]["paired_ratios"] == pytest.approx(h["paired_ratios"])
 
 
+def test_batch_join_makes_one_part_of_one_leases_commands():
+    """bench_batch --join: ray.data.llm in one command and turbo-batch in the next (a pair that does not
+    fit one command) become one part, so a later merge pairs them; a variant in two commands, another
+    host or a merged file is refused."""
+    import copy
+    import json
+
+    import pytest
+    from bench.batch_merge import join, merge
+    from bench.report_md import markdown
+
+    d = json.loads((REPO / "benchmarks" / "results" / "batch_gpu-20labels-smollm2-24k.json").read_text())
+    d.pop("merged_from", None)
+    for v, x in (("ray_data_llm", 140.0), ("turbo", 280.0)):  # one whole pair in one command: 2.0
+        d["results"][v] |= {"rows_per_s": x, "runs": [{"run": 1, "rows_per_s": x, "timed_s": 90.0}]}
+    rdl, turbo = copy.deepcopy(d), copy.deepcopy(d)
+    del rdl["results"]["turbo"], turbo["results"]["ray_data_llm"]
+    rdl["results"]["ray_data_llm"]["rows_per_s"], turbo["results"]["turbo"]["rows_per_s"] = 100.0, 180.0
+    for p, v in ((rdl, "ray_data_llm"), (turbo, "turbo")):
+        p["results"][v]["runs"] = [{"run": 1, "rows_per_s": p["results"][v]["rows_per_s"], "timed_s": 90.0}]
+    j = join([rdl, turbo])
+    assert j["variants"] == ["ray_data_llm", "turbo"] and j["headline"]["ratio"] == pytest.approx(1.8)
+    assert len(j["joined_commands"]) == 2 and "consecutive commands of one lease" in markdown(j)
+    m = merge([d, j])  # an earlier whole pair + the joined one: two paired ratios
+    assert m["headline"]["paired_ratios"] == pytest.approx([2.0, 1.8])
+    assert "in 2 commands" in markdown(m)
+    with pytest.raises(SystemExit, match="more than one file"):
+        join([rdl, rdl])
+    other = copy.deepcopy(turbo)
+    other["machine"]["cpu_count"] = 999
+    with pytest.raises(SystemExit, match="another host"):
+        join([rdl, other])
+    with pytest.raises(SystemExit, match="is a merge"):
+        join([m, turbo])
+
+
 def test_gpu_samples_summarise_a_window():
     """bench/gpumeter.py: nvidia-smi's csv lines -> clock, power and time at the power cap in a window;
     unreadable lines are skipped; without nvidia-smi the meter is a no-op."""

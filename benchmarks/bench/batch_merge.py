@@ -4,8 +4,10 @@ A GPU half holds a 10-minute command: three alternating runs of every variant ra
 runs of one preset are spread over halves and device commands (the same rows, token ids, sampling and
 engine args; pair runs at the same time on two GPUs of one host) and merged here into medians. The
 headline is the median of the turbo / baseline ratios of runs made back to back within one part (the
-GPU's pace moves between device commands); the ratio of the medians is kept beside it. Owns nothing
-else; refuses parts whose preset, rows or engine differ.
+GPU's pace moves between device commands); the ratio of the medians is kept beside it. `join`: the
+commands of one lease that each ran other variants of one preset (a pair that does not fit one
+command, e.g. ray.data.llm then turbo-batch on 24,000 label rows) -> one part, whose runs pair. Owns
+nothing else; refuses parts whose preset, rows or engine differ.
 """
 
 from __future__ import annotations
@@ -30,7 +32,47 @@ def _source(d: dict[str, Any]) -> dict[str, Any]:
         "git": d["git"],
         "variants": sorted(d["results"]),
         "host_cores": (d.get("machine") or {}).get("cpu_count"),
-    }
+    } | ({"commands": d["joined_commands"]} if d.get("joined_commands") else {})
+
+
+def _host(d: dict[str, Any]) -> tuple[Any, ...]:
+    m = d.get("machine") or {}
+    return m.get("gpu"), m.get("gpu_count"), m.get("cpu"), m.get("cpu_count")
+
+
+def join(cmds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Results of consecutive commands of one lease (one host, the same rows, other variants in each)
+    as one results file: one part, so its turbo and baseline runs pair in a later merge. Refuses
+    merged files, other settings, other hosts and a variant in two commands."""
+    if len(cmds) < 2:
+        raise SystemExit("--join: two or more results files of one lease")
+    first = cmds[0]
+    for i, d in enumerate(cmds, start=1):
+        if d.get("merged_from"):
+            raise SystemExit(f"--join: file {i} is a merge; join the commands' own files")
+        if _same(d) != _same(first):
+            raise SystemExit(f"--join: file {i} ran different settings")
+        if _host(d) != _host(first):
+            raise SystemExit(f"--join: file {i} ran on another host ({_host(d)} vs {_host(first)})")
+    results: dict[str, Any] = {}
+    for i, d in enumerate(cmds, start=1):
+        for v, rec in d["results"].items():
+            if v in results:
+                raise SystemExit(
+                    f"--join: {v} ran in more than one file (file {i}); --merge keeps runs apart"
+                )
+            results[v] = rec
+    data = {**first, "results": results, "variants": sorted(results)}
+    data["errors"] = {k: v for d in cmds for k, v in (d.get("errors") or {}).items()}
+    data["complete"] = all(d.get("complete") for d in cmds)
+    data["loadavg_end"] = cmds[-1].get("loadavg_end")
+    data["bench_wall_s"] = sum(d.get("bench_wall_s") or 0 for d in cmds)
+    data["joined_commands"] = [
+        {"date": d["date"], "git": d["git"], "variants": sorted(d["results"])} for d in cmds
+    ]
+    runs = {v: rec.get("runs") or [rec] for v, rec in results.items()}
+    data["headline"] = headline(first["plan"]["kind"], results, runs)
+    return data
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:

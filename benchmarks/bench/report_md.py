@@ -178,20 +178,29 @@ def markdown(d: dict[str, Any]) -> str:
 
 
 def _merged_lines(d: dict[str, Any]) -> list[str]:
-    """A merged file (bench_batch.py --merge): its parts, and turbo-batch's host CPU run by run (the
+    """A joined file (bench_batch.py --join): its commands. A merged file (--merge): its parts, and turbo-batch's host CPU run by run (the
     detail below is the median run's only, which may be an older part's)."""
     parts = d.get("merged_from") or []
+    if d.get("joined_commands"):
+        return ["", f"One part from {len(d['joined_commands'])} consecutive commands of one lease on one host "
+                "(`bench_batch.py --join`): " + "; ".join(_command(c) for c in d["joined_commands"]) + "."]  # fmt: skip
     if not parts:
         return []
     out = ["", f"Merged from {len(parts)} results files (`bench_batch.py --merge`): " + "; ".join(
         f"part {i} {p['date']}, turbo-batch {p['git']}, {p.get('host_cores') or '?'}-core host, "
-        f"{', '.join(p['variants'])}" for i, p in enumerate(parts, start=1)) + "."]  # fmt: skip
+        f"{', '.join(p['variants'])}"
+        + (f" (in {len(p['commands'])} commands: " + ", then ".join(_command(c) for c in p["commands"]) + ")"
+           if p.get("commands") else "") for i, p in enumerate(parts, start=1)) + "."]  # fmt: skip
     runs = ((d.get("results") or {}).get("turbo") or {}).get("runs") or []
     if any(r.get("host_cpu_excl_engine") is not None for r in runs):
         out.append("turbo-batch's host CPU in each run's timed window, engines excluded, CPU-s per 1,000 rows: "
                    + ", ".join(f"{fmt(r.get('host_cpu_excl_engine'))} (part {r.get('part', '?')}, "
                                f"{fmt(r.get('rows_per_s'))} rows/s)" for r in runs) + ".")  # fmt: skip
     return out
+
+
+def _command(c: dict[str, Any]) -> str:
+    return f"{', '.join(c['variants'])} at {c['date']} ({c['git']})"
 
 
 def window_lines(d: dict[str, Any]) -> list[str]:
