@@ -97,6 +97,7 @@ def test_cpu_unchanged():
     cpu = Device("cpu", "cpu", 24, None, False)
     args = engine_args({"path": TURBO, "preset": "auto"}, cpu)
     assert args["enforce_eager"] and args["dtype"] == "float32" and "kv_cache_dtype" not in args
+    assert args["distributed_executor_backend"] == profiles.CPU_EXECUTOR  # the forked CPU worker
 
 
 def test_engine_by_gpu_names_are_validated(tmp_path):

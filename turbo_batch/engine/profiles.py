@@ -24,6 +24,7 @@ from turbo_batch.errors import EngineStartError
 from turbo_batch.spec import GPU_TYPES as SPEC_GPU_TYPES
 
 GIB = 1024**3
+CPU_EXECUTOR = "turbo_batch.engine.cpu_executor.ForkedCpuExecutor"
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,8 @@ def resolve(
         args.update({k: v for k, v in PRESETS["cpu"].items() if k not in args})
         args.pop("gpu_memory_utilization", None)
         args["enforce_eager"] = True
+        # the engine core forks its worker instead of spawning a third interpreter (cpu_executor.py)
+        args.setdefault("distributed_executor_backend", CPU_EXECUTOR)
         args.pop("kv_cache_dtype", None)  # fp8 KV is a GPU feature
         if preset == "turbo":
             args.pop("quantization", None)
