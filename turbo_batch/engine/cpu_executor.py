@@ -13,9 +13,9 @@ region first, which is what makes this fork-safe for libgomp).
 On x86 vLLM holds one core per worker back for the engine core's loop, which waits on the worker
 rather than spinning (measured: ~0% CPU while the worker computes). On a host of at most
 `SMALL_HOST_CPUS` cores that is a quarter to a half of the machine, so there the worker gets every core
-(`VLLM_CPU_NUM_OF_RESERVED_CPU=0`, unless the user set it): on the 2-core box SmolLM2's prompt tokens/s
-went 225 -> 390 in raw vLLM and the demo 3.7 -> 7.0 rows/s, with the same labels. vLLM logs that the
-reserve is below its minimum; that is this choice.
+(`VLLM_CPU_NUM_OF_RESERVED_CPU=0`, unless the user set it): on the 2-core box raw vLLM ran 128 short
+SmolLM2 prompts in 17-20 s instead of 31 s, and the demo went 3.66 -> 6.87 rows/s (201 -> 378 prompt
+tokens/s) with the same labels. vLLM logs that the reserve is below its minimum; that is this choice.
 
 Used only on CPU devices (`profiles.engine_args` names it as `distributed_executor_backend`); GPU engines
 of one GPU run vLLM's in-process executor and never reach this. Owns the worker's start method and
