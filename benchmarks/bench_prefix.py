@@ -150,13 +150,7 @@ def prepare(args: argparse.Namespace, workdir: Path, info: dict[str, Any]) -> di
         device = profiles.Device("cuda", "NVIDIA H200", 139.8, (9, 0))  # what the lent GPU is
     else:
         device = profiles.detect_device()
-    eargs = profiles.engine_args(
-        spec.model.model_dump(mode="json"), device, max_labels=len(LABELS),
-        model_max_len=profiles.model_context_len(str(model)),
-    )  # fmt: skip
-    # raw vLLM and ray.data.llm run vLLM as it ships: turbo-batch's CPU engines fork their worker
-    # (profiles.CPU_EXECUTOR), which shortens the engine start only, outside every timed window
-    eargs = {k: v for k, v in eargs.items() if v != profiles.CPU_EXECUTOR}
+    eargs = bb.shipped_engine_args(spec.model.model_dump(mode="json"), device, len(LABELS))
     lens = [len(r["prompt_ids"]) for r in rendered]
     doc_runs = sum(1 for i, x in enumerate(by_key) if i == 0 or x["doc_id"] != by_key[i - 1]["doc_id"])
     plan = {

@@ -349,6 +349,24 @@ def test_batch_join_makes_one_part_of_one_leases_commands():
         join([m, turbo])
 
 
+def test_benchmarks_run_vllm_as_it_ships_beside_turbo_batch(tiny_model):
+    """bench's engine args (raw vLLM, ray.data.llm, the plan) are profiles' for the job, without the
+    CPU executor turbo-batch's own engines use (engine/cpu_executor.py)."""
+    from bench.common import shipped_engine_args
+
+    from turbo_batch.engine import profiles
+
+    model = {"path": str(tiny_model), "preset": "auto"}
+    cpu = profiles.Device("cpu", "cpu", 24, None, False)
+    own = profiles.engine_args(
+        model, cpu, max_labels=2, model_max_len=profiles.model_context_len(str(tiny_model))
+    )
+    assert own["distributed_executor_backend"] == profiles.CPU_EXECUTOR
+    assert shipped_engine_args(model, cpu, 2) == {
+        k: v for k, v in own.items() if k != "distributed_executor_backend"
+    }
+
+
 def test_gpu_samples_summarise_a_window():
     """bench/gpumeter.py: nvidia-smi's csv lines -> clock, power and time at the power cap in a window;
     unreadable lines are skipped; without nvidia-smi the meter is a no-op."""

@@ -384,3 +384,16 @@ def run_child(workdir: Path, what: str, args: argparse.Namespace, timeout: float
     """`bench_batch.py --child what` in its own process; returns its last result."""
     results, wall = run_child_all(workdir, what, args, timeout)
     return {**results[-1], "process_wall_s": results[-1].get("process_wall_s", wall)}
+
+
+def shipped_engine_args(model: dict[str, Any], device: Any, n_labels: int) -> dict[str, Any]:
+    """The engine args turbo-batch's profiles resolve for a job's model section on `device`, as every
+    variant runs them: raw vLLM and ray.data.llm run vLLM as it ships, so turbo-batch's CPU executor
+    (profiles.CPU_EXECUTOR: the worker forked, which shortens the engine start only, outside every
+    timed window) is left out."""
+    from turbo_batch.engine import profiles
+
+    args = profiles.engine_args(
+        model, device, max_labels=n_labels, model_max_len=profiles.model_context_len(str(model["path"]))
+    )
+    return {k: v for k, v in args.items() if v != profiles.CPU_EXECUTOR}

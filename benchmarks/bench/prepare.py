@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import build_gemma4, label_token_counts, log, make_labels, synthetic_rows
+from .common import build_gemma4, label_token_counts, log, make_labels, shipped_engine_args, synthetic_rows
 from .presets import PRESETS
 
 
@@ -147,15 +147,7 @@ def prepare(
         device = profiles.Device("cuda", "NVIDIA H100 80GB HBM3", 79.1, (9, 0))  # what the lent GPU is
     else:
         device = profiles.detect_device()
-    eargs = profiles.engine_args(
-        spec.model.model_dump(mode="json"),
-        device,
-        max_labels=len(labels),
-        model_max_len=profiles.model_context_len(str(model)),
-    )
-    # raw vLLM and ray.data.llm run vLLM as it ships: turbo-batch's CPU engines fork their worker
-    # (profiles.CPU_EXECUTOR), which shortens the engine start only, outside every timed window
-    eargs = {k: v for k, v in eargs.items() if v != profiles.CPU_EXECUTOR}
+    eargs = shipped_engine_args(spec.model.model_dump(mode="json"), device, len(labels))
     label_ids = rendered["rendered"][0]["label_ids"] or []
     plan: dict[str, Any] = {
         "preset": name,

@@ -178,8 +178,9 @@ def markdown(d: dict[str, Any]) -> str:
 
 
 def _merged_lines(d: dict[str, Any]) -> list[str]:
-    """A joined file (bench_batch.py --join): its commands. A merged file (--merge): its parts, and turbo-batch's host CPU run by run (the
-    detail below is the median run's only, which may be an older part's)."""
+    """A joined file (bench_batch.py --join): its commands. A merged file (--merge): its parts, and
+    turbo-batch's host CPU run by run (the detail below is the median run's only, which may be an older
+    part's)."""
     parts = d.get("merged_from") or []
     if d.get("joined_commands"):
         return ["", f"One part from {len(d['joined_commands'])} consecutive commands of one lease on one host "
