@@ -75,6 +75,21 @@ def join(cmds: list[dict[str, Any]]) -> dict[str, Any]:
     return data
 
 
+def _detail_for(
+    v: str, mid: dict[str, Any], full: dict[tuple[int, str, int], dict[str, Any]]
+) -> dict[str, Any]:
+    """The record of `v`'s median run `mid` when its part kept only a summary of it: the run's own
+    summary fields over the whole record of another run (its part's, else any), whose host CPU,
+    engine-core and check detail it then shows; `detail_from` names that run (an older merge's string
+    is kept as it was)."""
+    keys = [k for k in full if k[1] == v]
+    key = next((k for k in keys if k[0] == mid["part"]), keys[0])
+    src = full[key]
+    rec = {**src, **mid, "process_wall_s": mid.get("process_wall_s")}
+    rec["detail_from"] = src.get("detail_from") or {"part": key[0], "rows_per_s": src.get("rows_per_s")}
+    return rec
+
+
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     if not parts:
         raise SystemExit("--merge: no results files")
@@ -100,8 +115,10 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             for r in rs:
                 one = run_summary(r)
                 older = not merged and (len(rs) == 1 or r.get("run") == rec.get("run"))
-                if one["host_cpu_excl_engine"] is None and older:
-                    one["host_cpu_excl_engine"] = run_summary(rec)["host_cpu_excl_engine"]  # older files
+                if older:  # the file's own record is this run's: older files kept these there only
+                    for k in ("host_cpu_excl_engine", "process_wall_s"):
+                        if one[k] is None:
+                            one[k] = run_summary(rec)[k]
                 runs.setdefault(v, []).append(
                     {**one, "part": part_of(r), "host_cores": r.get("host_cores") or cores}
                 )
@@ -114,10 +131,11 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         mid = lower_median(ok, key=lambda r: r["rows_per_s"]) if ok else rs[-1]
         rec = full.get((mid["part"], v, mid.get("run") or 1))
         if rec is None:  # a part's non-median run: only its summary fields were kept
-            same = [r for (p, vv, _), r in full.items() if vv == v and p == mid["part"]]
-            rec = {**(same or [r for (_, vv, _), r in full.items() if vv == v])[0], **mid}
-            rec["detail_from"] = "its part's median run (host CPU, checks); rows/s and window its own"
+            rec = _detail_for(v, mid, full)
         results[v] = {**rec, "rows_per_s": mid["rows_per_s"], "timed_s": mid.get("timed_s"), "runs": rs}
+        out_tokens = ((rec.get("check") or {}).get("output_tokens") or {}).get("mean")
+        if out_tokens and mid.get("rows_per_s"):  # every part made the same outputs of the same rows
+            results[v]["output_tokens_per_s"] = out_tokens * mid["rows_per_s"]
         results[v]["median_of"] = len(ok)
     d0 = parts[0]
     data = {k: d0[k] for k in ("preset", "invocation", "machine", "plan") if k in d0}

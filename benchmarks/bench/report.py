@@ -74,8 +74,8 @@ def agreement(workdir: Path, variant: str, plan: dict[str, Any]) -> dict[str, An
     return res
 
 
-RUN_KEYS = ("run", "rows_per_s", "timed_s", "engine_start_s", "load1_during", "host_cpu_excl_engine", "gpu",
-            "engine_load", "async_scheduling")  # fmt: skip
+RUN_KEYS = ("run", "rows_per_s", "timed_s", "engine_start_s", "process_wall_s", "load1_during",
+            "host_cpu_excl_engine", "gpu", "engine_load", "async_scheduling")  # fmt: skip
 
 
 def run_summary(r: dict[str, Any]) -> dict[str, Any]:

@@ -124,7 +124,7 @@ def markdown(d: dict[str, Any]) -> str:
         lines += ["", f"**{v} failed**: `{msg.splitlines()[0][:300]}` (its log is in the work dir)."]
     raw = d["results"].get("raw")
     if raw:
-        lines += ["", f"raw vLLM: engine start {raw['engine_start_s']:.1f} s; the first request took "
+        lines += ["", f"raw vLLM: engine start {fmt(raw.get('engine_start_s'), 1)} s; the first request took "
                   f"{raw['first_request_s']:.2f} s and the other {p['warmup_rows'] - 1} warm-up rows "
                   f"{raw['warmup_rest_s']:.2f} s, outside the timed call; prefix cache reset before it; "
                   f"niceness {raw.get('niceness')}."]  # fmt: skip
@@ -137,8 +137,8 @@ def markdown(d: dict[str, Any]) -> str:
                       f"**{h['cpu_s_per_1k_rows']:.2f} CPU-s per 1,000 rows** in all."]  # fmt: skip
     t = d["results"].get("turbo")
     if t:
-        lines += ["", f"turbo-batch: wall_s {t['timed_s']:.2f} s; process wall {t['process_wall_s']:.1f} s (Python + "
-                  f"Ray start + engine start {t['engine_start_s']:.1f} s + run + shutdown). Rows written: "
+        lines += ["", f"turbo-batch: wall_s {fmt(t['timed_s'])} s; process wall {fmt(t.get('process_wall_s'), 1)} s (Python + "
+                  f"Ray start + engine start {fmt(t.get('engine_start_s'), 1)} s + run + shutdown). Rows written: "
                   f"{t['rows_ok']} ok, {t['rows_error']} errors; prompt token counts equal to the pre-rendered "
                   f"ones: {t['check'].get('same_prompt_tokens')} of {t['rows']}."]  # fmt: skip
         lines += host_cpu_lines(t.get("host_cpu"))
@@ -192,6 +192,16 @@ def _merged_lines(d: dict[str, Any]) -> list[str]:
         f"{', '.join(p['variants'])}"
         + (f" (in {len(p['commands'])} commands: " + ", then ".join(_command(c) for c in p["commands"]) + ")"
            if p.get("commands") else "") for i, p in enumerate(parts, start=1)) + "."]  # fmt: skip
+    for v, r in (d.get("results") or {}).items():
+        src = r.get("detail_from")
+        if isinstance(src, dict):
+            out.append(f"{v}'s median run ({fmt(r.get('rows_per_s'))} rows/s) was kept as a summary only: its "
+                       f"host CPU, engine-core and check detail below are part {src.get('part')}'s run at "
+                       f"{fmt(src.get('rows_per_s'))} rows/s.")  # fmt: skip
+        elif src:
+            out.append(f"{v}'s median run ({fmt(r.get('rows_per_s'))} rows/s) was kept as a summary only: its "
+                       "host CPU, engine-core and check detail below are another run's (an older merge did "
+                       "not record which).")  # fmt: skip
     runs = ((d.get("results") or {}).get("turbo") or {}).get("runs") or []
     if any(r.get("host_cpu_excl_engine") is not None for r in runs):
         out.append("turbo-batch's host CPU in each run's timed window, engines excluded, CPU-s per 1,000 rows: "
