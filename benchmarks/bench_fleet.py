@@ -143,7 +143,8 @@ def ray_head(kind: str, resources: dict[str, int], gpus: int) -> tuple[subproces
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
            f"--num-gpus={gpus}", "--include-dashboard=false", "--disable-usage-stats",
            f"--resources={json.dumps(resources)}"] + (["--num-cpus=2"] if kind == "cpu" else [])  # fmt: skip
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray >= 2.60 drains a `--block` node for up to 30 s on SIGTERM: a benchmark's head has nothing to drain
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_fleet_head.log", "w")  # noqa: SIM115 (the head lives on)
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     addr = f"127.0.0.1:{port}"
