@@ -112,13 +112,14 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
         for v, rec in d["results"].items():
             rs = rec.get("runs") or [rec]
+            own_summary = run_summary(rec)
             for r in rs:
                 one = run_summary(r)
                 older = not merged and (len(rs) == 1 or r.get("run") == rec.get("run"))
                 if older:  # the file's own record is this run's: older files kept these there only
                     for k in ("host_cpu_excl_engine", "process_wall_s"):
                         if one[k] is None:
-                            one[k] = run_summary(rec)[k]
+                            one[k] = own_summary[k]
                 runs.setdefault(v, []).append(
                     {**one, "part": part_of(r), "host_cores": r.get("host_cores") or cores}
                 )

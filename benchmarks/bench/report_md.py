@@ -194,14 +194,12 @@ def _merged_lines(d: dict[str, Any]) -> list[str]:
            if p.get("commands") else "") for i, p in enumerate(parts, start=1)) + "."]  # fmt: skip
     for v, r in (d.get("results") or {}).items():
         src = r.get("detail_from")
-        if isinstance(src, dict):
-            out.append(f"{v}'s median run ({fmt(r.get('rows_per_s'))} rows/s) was kept as a summary only: its "
-                       f"host CPU, engine-core and check detail below are part {src.get('part')}'s run at "
-                       f"{fmt(src.get('rows_per_s'))} rows/s.")  # fmt: skip
-        elif src:
-            out.append(f"{v}'s median run ({fmt(r.get('rows_per_s'))} rows/s) was kept as a summary only: its "
-                       "host CPU, engine-core and check detail below are another run's (an older merge did "
-                       "not record which).")  # fmt: skip
+        if not src:
+            continue
+        whose = (f"part {src.get('part')}'s run at {fmt(src.get('rows_per_s'))} rows/s" if isinstance(src, dict)
+                 else "another run's (an older merge did not record which)")  # fmt: skip
+        out.append(f"{v}'s median run ({fmt(r.get('rows_per_s'))} rows/s) was kept as a summary only: its "
+                   f"host CPU, engine-core and check detail below are {whose}.")  # fmt: skip
     runs = ((d.get("results") or {}).get("turbo") or {}).get("runs") or []
     if any(r.get("host_cpu_excl_engine") is not None for r in runs):
         out.append("turbo-batch's host CPU in each run's timed window, engines excluded, CPU-s per 1,000 rows: "
